@@ -1,0 +1,167 @@
+"""`LevelScheduler`: drives ELSA's levels from inside `model.fit`.
+
+Every `epochs_per_level` epochs make one level. Inside a level the tfmot
+pruning schedule built by the model's `LevelSchedule` says, step by step,
+when to update the masks and to which sparsity; at the level's last epoch the
+level is pruned to its exact target, frozen, and the next level opens with a
+freshly reset optimizer.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from elsa_tf import model_ops
+from elsa_tf.optimizer import FreezingOptimizer
+
+
+def check_epochs_per_level(epochs_per_level) -> int:
+    if (
+        isinstance(epochs_per_level, bool)
+        or not isinstance(epochs_per_level, (int, np.integer))
+        or epochs_per_level < 1
+    ):
+        raise ValueError(
+            "epochs_per_level must be a positive int. "
+            f"Received: epochs_per_level={epochs_per_level!r}"
+        )
+    return int(epochs_per_level)
+
+
+def resolve_levels(model, levels) -> list[int]:
+    """The levels to train: consecutive, starting at the model's current level.
+
+    Raises:
+        ValueError: for a level out of range, a level already finished, or a
+            list that skips a level.
+    """
+    num = len(model_ops.sparsities(model))
+    current = model_ops.current_level(model)
+    if levels is None:
+        levels = list(range(current, num))
+        if not levels:
+            raise ValueError(f"All {num} levels of the model are already finished.")
+        return levels
+    if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
+        levels = [int(levels)]
+    levels = list(levels)
+    if not levels:
+        raise ValueError("levels must name at least one level. Received: levels=[]")
+    for level in levels:
+        model_ops.check_level(model, level, name="levels")
+    if levels[0] < current:
+        raise ValueError(
+            f"Level {levels[0]} is already finished (the model is at level "
+            f"{current}). Received: levels={levels}"
+        )
+    expected = list(range(current, current + len(levels)))
+    if levels != expected:
+        raise ValueError(
+            f"Levels are trained in order from the current level {current}: "
+            f"expected levels={expected}. Received: levels={levels}"
+        )
+    return levels
+
+
+def _pruning_steps(schedule, level_steps: int) -> dict[int, float]:
+    """Step -> sparsity for every step at which the tfmot schedule prunes."""
+    steps = tf.range(level_steps, dtype=tf.int64)
+    should, sparsity = schedule(steps)
+    should = np.broadcast_to(np.asarray(should), (level_steps,))
+    sparsity = np.broadcast_to(np.asarray(sparsity, np.float64), (level_steps,))
+    return {int(s): float(sparsity[s]) for s in np.flatnonzero(should)}
+
+
+@keras.saving.register_keras_serializable(package="elsa_tf")
+class LevelScheduler(keras.callbacks.Callback):
+    """Trains an embedded model's levels in turn during `model.fit`.
+
+    Use it with a `FreezingOptimizer`; `elsa_tf.fit` does exactly this, one
+    level per `model.fit` call.
+
+    Args:
+        epochs_per_level: epochs spent on each level.
+        levels: the levels to train, consecutive from the model's current
+            level; None trains every level left.
+        steps_per_epoch: steps in an epoch, needed only when `fit` cannot
+            tell (a dataset of unknown length).
+
+    Example:
+
+    ```python
+    model.compile(optimizer=elsa_tf.FreezingOptimizer(keras.optimizers.Adam()),
+                  loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=3 * len(sparsities),
+              callbacks=[elsa_tf.LevelScheduler(epochs_per_level=3)])
+    ```
+    """
+
+    def __init__(self, epochs_per_level: int, levels=None, steps_per_epoch=None):
+        super().__init__()
+        self.epochs_per_level = check_epochs_per_level(epochs_per_level)
+        self.levels = None if levels is None else list(levels)
+        if steps_per_epoch is not None:
+            steps_per_epoch = check_epochs_per_level(steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        if not isinstance(model.optimizer, FreezingOptimizer):
+            raise TypeError(
+                "LevelScheduler needs the model compiled with an "
+                "elsa_tf.FreezingOptimizer, or finished levels would change. "
+                f"Received: optimizer={model.optimizer!r}"
+            )
+        self._levels = resolve_levels(model, self.levels)
+        steps = self.steps_per_epoch or (self.params or {}).get("steps")
+        if not steps:
+            raise ValueError(
+                "LevelScheduler cannot tell the number of steps per epoch: pass "
+                "steps_per_epoch to it (and to fit). Received: steps_per_epoch=None"
+            )
+        self._steps = int(steps)
+        self._epoch = 0
+        self._prune_at = {}
+
+    def _level_index(self):
+        return self._epoch // self.epochs_per_level
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._level_index() >= len(self._levels):
+            self.model.stop_training = True
+            return
+        self._epoch_in_level = self._epoch % self.epochs_per_level
+        if self._epoch_in_level == 0:
+            self._start_level(self._levels[self._level_index()])
+
+    def _start_level(self, level):
+        model = self.model
+        model_ops.set_view_level(model, level)
+        model.optimizer.reset()
+        level_steps = self.epochs_per_level * self._steps
+        target = model_ops.sparsities(model)[level]
+        schedule = model_ops.wrappers(model)[0].schedule.build(target, level_steps)
+        self._prune_at = _pruning_steps(schedule, level_steps)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = self._epoch_in_level * self._steps + batch
+        sparsity = self._prune_at.get(step)
+        if sparsity is not None:
+            model_ops.prune_to(self.model, sparsity)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch += 1
+        if self._epoch % self.epochs_per_level == 0:
+            model_ops.finish_level(self.model)
+            model_ops.reset_compiled_functions(self.model, in_fit=True)
+            if self._level_index() >= len(self._levels):
+                self.model.stop_training = True
+
+    def get_config(self):
+        return {
+            "epochs_per_level": self.epochs_per_level,
+            "levels": self.levels,
+            "steps_per_epoch": self.steps_per_epoch,
+        }

@@ -1,0 +1,131 @@
+"""`FreezingOptimizer`: keeps the weights of finished levels exactly as they are.
+
+Masking gradients is not enough: momentum, Adam's moments and decoupled weight
+decay all move a weight whose gradient is zero. So the wrapper lets the inner
+optimizer update every variable, then writes the frozen entries back from a
+copy taken just before. Shared weights that are frozen whole are simply not
+trainable (see `ElsaWrapper.sync_trainable`) and never reach the optimizer.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from elsa_tf import wrapper as wrapper_lib
+
+
+@keras.saving.register_keras_serializable(package="elsa_tf")
+class FreezingOptimizer(keras.optimizers.Optimizer):
+    """Wraps a Keras optimizer so that it never changes frozen weights.
+
+    Modelled on `keras.optimizers.LossScaleOptimizer`: learning rate and
+    iterations are the inner optimizer's, and the inner optimizer is saved in
+    the config. `reset()` returns the inner optimizer to its freshly built
+    state (slots, iterations, learning rate), which `LevelScheduler` calls at
+    the start of every level: weights that become trainable again start with
+    clean slots, as rigl's `reset_momentum` does, and each level trains as if
+    with a fresh optimizer.
+
+    Args:
+        inner_optimizer: the `keras.optimizers.Optimizer` to wrap.
+        name: optional name.
+
+    Example:
+
+    >>> opt = FreezingOptimizer(keras.optimizers.Adam(1e-3))
+    >>> float(opt.learning_rate)
+    0.001
+    """
+
+    def __init__(self, inner_optimizer, name: str | None = None, **kwargs):
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "inner_optimizer must be a keras.optimizers.Optimizer instance. "
+                f"Received: inner_optimizer={inner_optimizer!r}"
+            )
+        if isinstance(inner_optimizer, FreezingOptimizer):
+            raise TypeError("inner_optimizer is already a FreezingOptimizer.")
+        super().__init__(learning_rate=0.0, name=name, **kwargs)
+        self.inner_optimizer = inner_optimizer
+        self._initial_values = None
+
+    def build(self, var_list):
+        # Built eagerly even when first called from a traced train step, so
+        # that the initial values `reset()` returns to can be read.
+        with tf.init_scope():
+            self.inner_optimizer.build(var_list)
+            super().build(var_list)
+            self._record_initial_values()
+
+    def _record_initial_values(self):
+        # A constant is stored as one scalar: slots start as zeros (Adagrad's
+        # as a constant), so resetting costs no copy of the optimizer state.
+        self._initial_values = []
+        for v in self.inner_optimizer.variables:
+            value = keras.ops.convert_to_numpy(v.value)
+            flat = value.reshape(-1)
+            if flat.size and np.all(flat == flat[0]):
+                self._initial_values.append(flat[0])
+            else:
+                self._initial_values.append(value.copy())
+
+    def reset(self) -> None:
+        """Puts the inner optimizer back in its just-built state."""
+        if self._initial_values is None:
+            return
+        for v, initial in zip(self.inner_optimizer.variables, self._initial_values):
+            v.assign(np.broadcast_to(initial, v.shape).astype(v.dtype))
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        trainable_variables = list(trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        frozen = [wrapper_lib.frozen_mask(v) for v in trainable_variables]
+        saved = [
+            None if m is None else tf.identity(v.value)
+            for v, m in zip(trainable_variables, frozen)
+        ]
+        self.inner_optimizer.apply(grads, trainable_variables)
+        for v, m, old in zip(trainable_variables, frozen, saved):
+            if m is not None:
+                v.assign(tf.where(m, old, v.value))
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        # Like LossScaleOptimizer: only the name and the inner optimizer.
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)

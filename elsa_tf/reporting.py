@@ -1,0 +1,74 @@
+"""`summary`: what each level of an embedded model keeps."""
+
+from __future__ import annotations
+
+from elsa_tf import model_ops
+
+
+class LevelSummary(list):
+    """A list of per-level dicts that prints as a table."""
+
+    def __str__(self) -> str:
+        lines = [
+            f"{'level':>5}  {'target':>7}  {'achieved':>8}  {'kept':>10}  {'of':>10}  status"
+        ]
+        for row in self:
+            lines.append(
+                f"{row['level']:>5}  {row['target_sparsity']:>7.2%}  "
+                f"{row['achieved_sparsity']:>8.2%}  {row['kept']:>10,}  "
+                f"{row['total']:>10,}  {row['status']}"
+            )
+            for layer in row.get("layers", []):
+                lines.append(
+                    f"{'':>5}  {layer['weight']:<40} {layer['sparsity']:>8.2%}  "
+                    f"{layer['kept']:>10,}  {layer['size']:>10,}"
+                )
+        return "\n".join(lines)
+
+
+def summary(model, per_layer: bool = False) -> LevelSummary:
+    """One dict per level: target and achieved sparsity, kept parameters.
+
+    Sparsity is measured over the prunable weights. A level not finished yet
+    reports what it holds now.
+
+    Args:
+        model: an embedded model.
+        per_layer: add a `"layers"` list with each prunable weight's detail.
+
+    Returns:
+        A `LevelSummary` (a list of dicts with keys `level`,
+        `target_sparsity`, `achieved_sparsity`, `kept`, `total`, `status` and,
+        with `per_layer`, `layers`); `print()` it for a table.
+
+    Raises:
+        ValueError: if the model is not embedded.
+    """
+    sparsities = model_ops.sparsities(model)
+    current = model_ops.current_level(model)
+    weights = model_ops.level_counts(model)
+    total = sum(w["size"] for w in weights)
+    rows = LevelSummary()
+    for k, target in enumerate(sparsities):
+        kept = sum(w["kept"][k] for w in weights)
+        row = {
+            "level": k,
+            "target_sparsity": target,
+            "achieved_sparsity": 1.0 - kept / total,
+            "kept": kept,
+            "total": total,
+            "status": "finished" if k < current else ("training" if k == current else "pending"),
+        }
+        if per_layer:
+            row["layers"] = [
+                {
+                    "layer": w["layer"],
+                    "weight": w["weight"],
+                    "size": w["size"],
+                    "kept": w["kept"][k],
+                    "sparsity": 1.0 - w["kept"][k] / w["size"],
+                }
+                for w in weights
+            ]
+        rows.append(row)
+    return rows

@@ -1,0 +1,109 @@
+"""`elsa_tf.fit`: train an embedded model's levels, sparsest first."""
+
+from __future__ import annotations
+
+import keras
+
+from elsa_tf import model_ops
+from elsa_tf.callbacks import LevelScheduler, check_epochs_per_level, resolve_levels
+from elsa_tf.optimizer import FreezingOptimizer
+
+
+def _optimizer_factory(optimizer):
+    if isinstance(optimizer, FreezingOptimizer):
+        raise TypeError(
+            "Pass the plain Keras optimizer; elsa_tf.fit wraps it itself. "
+            f"Received: optimizer={optimizer!r}"
+        )
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        config = keras.optimizers.serialize(optimizer)
+        return lambda: keras.optimizers.deserialize(config)
+    if isinstance(optimizer, str):
+        keras.optimizers.get(optimizer)  # fails now, on an unknown name
+        return lambda: keras.optimizers.get(optimizer)
+    if callable(optimizer) and not isinstance(optimizer, type):
+        return optimizer
+    raise TypeError(
+        "optimizer must be a keras.optimizers.Optimizer instance or a "
+        f"zero-argument factory returning one. Received: optimizer={optimizer!r}"
+    )
+
+
+def fit(
+    model: keras.Model,
+    x=None,
+    y=None,
+    *,
+    epochs_per_level: int,
+    optimizer,
+    loss,
+    metrics=None,
+    levels=None,
+    **fit_kwargs,
+) -> list:
+    """Trains the levels of an embedded model in order, sparsest first.
+
+    Each level is compiled with a fresh copy of `optimizer` wrapped in a
+    `FreezingOptimizer`, trained for `epochs_per_level` epochs under a
+    `LevelScheduler`, then frozen. Training can be split across calls:
+    `fit(..., levels=[0])` then `fit(..., levels=[1, 2])` trains the same
+    way as one call.
+
+    Args:
+        model: a model returned by `elsa_tf.embed`.
+        x: inputs, anything `keras.Model.fit` accepts.
+        y: targets, or None when `x` yields them.
+        epochs_per_level: epochs spent on each level.
+        optimizer: a Keras optimizer (a fresh copy is used for each level),
+            its name as for `compile` (`"adam"`), or a zero-argument factory
+            that returns one.
+        loss: the loss, as for `keras.Model.compile`.
+        metrics: metrics, as for `keras.Model.compile`.
+        levels: the levels to train, consecutive from the model's current
+            level; None trains all the levels left.
+        **fit_kwargs: passed to `keras.Model.fit` (`batch_size`,
+            `validation_data`, `callbacks`, `steps_per_epoch`, ...).
+
+    Returns:
+        One `keras.callbacks.History` per level trained.
+
+    Raises:
+        ValueError: if the model is not embedded, or `levels` or
+            `epochs_per_level` is invalid.
+        TypeError: if `optimizer` is neither an optimizer nor a factory.
+    """
+    model_ops.wrappers(model)
+    epochs_per_level = check_epochs_per_level(epochs_per_level)
+    levels = resolve_levels(model, levels)
+    make_optimizer = _optimizer_factory(optimizer)
+    for reserved in ("epochs", "initial_epoch"):
+        if reserved in fit_kwargs:
+            raise TypeError(
+                f"elsa_tf.fit sets {reserved} itself from epochs_per_level. "
+                f"Received: {reserved}={fit_kwargs[reserved]!r}"
+            )
+    user_callbacks = list(fit_kwargs.pop("callbacks", None) or [])
+    histories = []
+    for level in levels:
+        inner = make_optimizer()
+        if not isinstance(inner, keras.optimizers.Optimizer):
+            raise TypeError(
+                "The optimizer factory must return a keras.optimizers.Optimizer. "
+                f"Received: {inner!r}"
+            )
+        model.compile(optimizer=FreezingOptimizer(inner), loss=loss, metrics=metrics)
+        scheduler = LevelScheduler(
+            epochs_per_level,
+            levels=[level],
+            steps_per_epoch=fit_kwargs.get("steps_per_epoch"),
+        )
+        histories.append(
+            model.fit(
+                x,
+                y,
+                epochs=epochs_per_level,
+                callbacks=[scheduler, *user_callbacks],
+                **fit_kwargs,
+            )
+        )
+    return histories

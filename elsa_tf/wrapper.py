@@ -1,0 +1,297 @@
+"""`ElsaWrapper`: the Keras plumbing that puts nested levels into one layer.
+
+The wrapper owns, for each prunable weight of the layer it wraps, a `uint8`
+level map (see `elsa_tf.levels`), and two integer scalars: the level being
+trained (`current_level`, also the number of finished levels) and the level
+the layer computes with (`view_level`). In `call`, the wrapped layer runs
+inside a `keras.StatelessScope` that maps each prunable weight to its masked
+value, so any layer (a `MultiHeadAttention` made of `EinsumDense`s, a user's
+own block) is masked without re-implementing its math.
+
+Shared weights (everything not prunable: biases, normalization parameters and
+statistics, excluded kernels) are kept as the `shared` option says:
+
+* `"freeze"`: trained with level 0, frozen afterwards. A wrapped layer with no
+  prunable weights (a `BatchNormalization`, say) is set non-trainable, which
+  also puts normalization layers in inference mode, as in Keras fine-tuning.
+* `"per_level"`: every level trains its own copy, starting from the previous
+  level's. Finished levels' copies are kept in a bank of `K - 1` entries.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from elsa_tf import levels
+from elsa_tf import prunable as prunable_lib
+from elsa_tf import schedules
+
+SHARED_MODES = ("freeze", "per_level")
+SELECTIONS = ("per_layer", "global")
+
+# id(variable) -> (weak wrapper, index of the weight in wrapper.prunable_weights).
+# The optimizer wrapper looks frozen masks up here: it only sees variables.
+_FROZEN_MASK_OWNERS: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def frozen_mask(variable) -> tf.Tensor | None:
+    """Boolean mask of the frozen entries of `variable`, or None if it has none."""
+    entry = _FROZEN_MASK_OWNERS.get(id(variable))
+    if entry is None:
+        return None
+    wrapper = entry[0]()
+    if wrapper is None:
+        return None
+    index = entry[1]
+    return levels.frozen_mask(wrapper.level_maps[index].value, wrapper.current_level.value)
+
+
+def _register(variable, wrapper, index):
+    key = id(variable)
+    _FROZEN_MASK_OWNERS[key] = (weakref.ref(wrapper), index)
+    weakref.finalize(variable, _FROZEN_MASK_OWNERS.pop, key, None)
+
+
+@keras.saving.register_keras_serializable(package="elsa_tf")
+class ElsaWrapper(keras.layers.Wrapper):
+    """Holds nested sparse levels of one layer's weights.
+
+    Made by `elsa_tf.embed`; users rarely build it by hand.
+
+    Args:
+        layer: the Keras layer to wrap, already built.
+        sparsities: target sparsity of each level, strictly decreasing.
+        prune: whether the layer's prunable weights are pruned. If False, all
+            of its weights are shared weights.
+        shared: how shared weights are kept, `"freeze"` or `"per_level"`.
+        schedule: the `LevelSchedule` (or its identifier) used inside a level.
+        selection: `"per_layer"` or `"global"` magnitude selection.
+        shared_frozen: whether the shared weights are frozen already (set when
+            a model past level 0 is saved, so that a reloaded model and its
+            optimizer see the same trainable weights as before saving).
+        **kwargs: base `Layer` arguments such as `name`.
+    """
+
+    def __init__(
+        self,
+        layer,
+        sparsities,
+        prune: bool = True,
+        shared: str = "freeze",
+        schedule=None,
+        selection: str = "per_layer",
+        shared_frozen: bool = False,
+        **kwargs,
+    ):
+        super().__init__(layer, **kwargs)
+        self.sparsities = levels.validate_sparsities(sparsities)
+        if shared not in SHARED_MODES:
+            raise ValueError(
+                f"shared must be one of {SHARED_MODES}. Received: shared={shared!r}"
+            )
+        if selection not in SELECTIONS:
+            raise ValueError(
+                f"selection must be one of {SELECTIONS}. Received: selection={selection!r}"
+            )
+        self.prune = bool(prune)
+        self.shared = shared
+        self.schedule = schedules.get(schedule)
+        self.selection = selection
+        self.supports_masking = getattr(layer, "supports_masking", False)
+        self._call_has_training = "training" in inspect.signature(layer.call).parameters
+        self._state_created = False
+        self._saved_shared_frozen = bool(shared_frozen)
+        if layer.built:
+            self._create_state()
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.sparsities)
+
+    # -- state ---------------------------------------------------------------
+
+    def _create_state(self):
+        if self._state_created:
+            return
+        inner = self.layer
+        self.prunable_weights = (
+            prunable_lib.get_prunable_weights(inner) if self.prune else []
+        )
+        prunable_ids = {id(w) for w in self.prunable_weights}
+        self.shared_weights = [w for w in inner.weights if id(w) not in prunable_ids]
+        self.level_maps = []
+        for i, w in enumerate(self.prunable_weights):
+            self.level_maps.append(
+                self.add_weight(
+                    shape=w.shape,
+                    initializer="zeros",
+                    dtype="uint8",
+                    trainable=False,
+                    name=f"level_map_{i}_{w.name}",
+                )
+            )
+            _register(w, self, i)
+        self.current_level = self.add_weight(
+            shape=(), initializer="zeros", dtype="int32", trainable=False,
+            name="current_level",
+        )
+        self.view_level = self.add_weight(
+            shape=(), initializer="zeros", dtype="int32", trainable=False,
+            name="view_level",
+        )
+        self.banks = []
+        if self.shared == "per_level" and self.num_levels > 1:
+            for i, w in enumerate(self.shared_weights):
+                self.banks.append(
+                    self.add_weight(
+                        shape=(self.num_levels - 1, *w.shape),
+                        initializer="zeros",
+                        dtype=w.dtype,
+                        trainable=False,
+                        name=f"bank_{i}_{w.name}",
+                    )
+                )
+        self._originally_trainable = [w.trainable for w in self.shared_weights]
+        self._inner_trainable = inner.trainable
+        self._shared_frozen = False
+        self._state_created = True
+        self.built = True
+        if self._saved_shared_frozen:
+            self._apply_shared_frozen(True)
+
+    def build(self, *args, **kwargs):
+        # The wrapped layer is built before wrapping (or by build_from_config).
+        self._create_state()
+
+    def get_build_config(self):
+        return {"layer": self.layer.get_build_config()}
+
+    def build_from_config(self, config):
+        if not self.layer.built:
+            self.layer.build_from_config(config["layer"])
+        self._create_state()
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        self.sync_trainable()
+
+    def sync_trainable(self):
+        """Applies the `"freeze"` policy to the shared weights' trainability.
+
+        Called after every level change; it changes what a traced train step
+        does, so callers retrace (`LevelScheduler` does).
+        """
+        self._apply_shared_frozen(
+            self.shared == "freeze" and int(self.current_level.numpy()) >= 1
+        )
+
+    def _apply_shared_frozen(self, frozen: bool):
+        self._shared_frozen = frozen
+        if not self.prunable_weights:
+            # A pure shared layer: non-trainable also means inference-mode
+            # normalization, so frozen statistics stay consistent with use.
+            self.layer.trainable = self._inner_trainable and not frozen
+            return
+        for w, was_trainable in zip(self.shared_weights, self._originally_trainable):
+            w.trainable = was_trainable and not frozen
+
+    # -- forward -------------------------------------------------------------
+
+    def _shared_value(self, index, view):
+        """Graph value of shared weight `index` at level `view` (per_level)."""
+        bank = self.banks[index]
+        working = self.shared_weights[index].value
+        use_working = view >= tf.minimum(self.current_level.value, self.num_levels - 1)
+        slot = tf.clip_by_value(view, 0, self.num_levels - 2)
+        return use_working, tf.where(use_working, working, tf.gather(bank.value, slot))
+
+    def call(self, *args, training=None, **kwargs):
+        if self._call_has_training:
+            kwargs["training"] = training
+        view = self.view_level.value
+        mapping = [
+            (w, levels.masked_weight(w.value, m.value, view))
+            for w, m in zip(self.prunable_weights, self.level_maps)
+        ]
+        bank_values = {}
+        for i, w in enumerate(self.shared_weights if self.banks else []):
+            use_working, value = self._shared_value(i, view)
+            mapping.append((w, value))
+            bank_values[id(w)] = (use_working, value)
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            outputs = self.layer(*args, **kwargs)
+        # Carry out the state updates the layer made (normalization
+        # statistics, seed generators), except into frozen weights.
+        prunable_ids = {id(w) for w in self.prunable_weights}
+        shared_ids = {id(w) for w in self.shared_weights}
+        for v in self.layer.variables:
+            if id(v) in prunable_ids:
+                continue
+            new = scope.get_current_value(v)
+            if new is None:
+                continue
+            if id(v) in bank_values:
+                use_working, mapped = bank_values[id(v)]
+                if new is not mapped:
+                    v.assign(tf.where(use_working, new, v.value))
+            elif not (self._shared_frozen and id(v) in shared_ids):
+                v.assign(new)
+        return outputs
+
+    def compute_output_spec(self, *args, **kwargs):
+        return self.layer.compute_output_spec(*args, **kwargs)
+
+    def compute_mask(self, inputs, previous_mask=None):
+        return self.layer.compute_mask(inputs, previous_mask)
+
+    # -- level transitions (eager) ---------------------------------------------
+
+    def effective_weights(self, level: int) -> list[np.ndarray]:
+        """Values of the wrapped layer's weights at `level`, in `layer.weights` order."""
+        values = {}
+        for w, m in zip(self.prunable_weights, self.level_maps):
+            values[id(w)] = levels.masked_weight(w.value, m.value, level).numpy()
+        for i, w in enumerate(self.shared_weights):
+            if self.banks:
+                values[id(w)] = self._shared_value(i, tf.constant(level, tf.int32))[1].numpy()
+            else:
+                values[id(w)] = keras.ops.convert_to_numpy(w.value)
+        return [values[id(w)] for w in self.layer.weights]
+
+    def finish_level(self):
+        """Freezes the current level and opens the next one."""
+        k = int(self.current_level.numpy())
+        if k >= self.num_levels:
+            raise ValueError(f"All {self.num_levels} levels of {self.name!r} are finished.")
+        for i, w in enumerate(self.shared_weights if self.banks else []):
+            if k < self.num_levels - 1:
+                bank = self.banks[i]
+                bank.assign(tf.tensor_scatter_nd_update(bank.value, [[k]], [w.value]))
+        for w, m in zip(self.prunable_weights, self.level_maps):
+            # Pruned free weights restart from zero, so level k+1 starts out
+            # computing exactly what level k computes.
+            w.assign(levels.masked_weight(w.value, m.value, k))
+            if k + 1 < self.num_levels:
+                m.assign(levels.open_map(m.value, k + 1))
+        self.current_level.assign(k + 1)
+        self.view_level.assign(min(k + 1, self.num_levels - 1))
+        self.sync_trainable()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "sparsities": list(self.sparsities),
+                "prune": self.prune,
+                "shared": self.shared,
+                "schedule": self.schedule.get_config(),
+                "selection": self.selection,
+                "shared_frozen": self._shared_frozen,
+            }
+        )
+        return config

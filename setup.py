@@ -1,0 +1,38 @@
+"""elsa_tf: nested sparse levels in one Keras 3 model (ELSA)."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (HERE / "elsa_tf" / "__init__.py").read_text()
+).group(1)
+
+setup(
+    name="elsa_tf",
+    version=VERSION,
+    description="ELSA for Keras 3: many sparse networks nested in one dense model.",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["elsa_tf", "elsa_tf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # tf-keras (needed by tfmot) requires the `tensorflow` package itself,
+        # so depending on tensorflow-cpu too would install TensorFlow twice.
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<4",
+        "tensorflow-model-optimization>=0.8.1,<0.9",
+        "tf-keras>=2.21,<2.22",
+        "numpy",
+    ],
+    extras_require={
+        "examples": ["absl-py", "scikit-learn"],
+        "test": ["pytest", "absl-py", "scikit-learn", "ruff"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,64 @@
+"""Shared fixtures: models and data small enough to reason about by hand."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import elsa_tf  # noqa: E402, F401  (registers the serializable classes)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+
+
+def cnn_with_bn(num_classes: int = 3) -> keras.Model:
+    """Conv -> BN -> ReLU -> pool -> Dense(bias) on 8x8x1 inputs."""
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(16, activation="relu", name="hidden")(h)
+    outputs = keras.layers.Dense(num_classes, name="logits")(h)
+    return keras.Model(inputs, outputs, name="cnn")
+
+
+def mlp(inputs: int = 8, hidden: int = 16, outputs: int = 3) -> keras.Model:
+    return keras.Sequential(
+        [
+            keras.Input((inputs,)),
+            keras.layers.Dense(hidden, activation="relu", name="hidden"),
+            keras.layers.Dense(outputs, name="logits"),
+        ],
+        name="mlp",
+    )
+
+
+def image_data(n: int = 96, num_classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8, 8, 1)).astype("float32")
+    y = (x[:, :4].mean(axis=(1, 2, 3)) > 0).astype("int64") + (
+        x[:, 4:].mean(axis=(1, 2, 3)) > 0
+    ).astype("int64")
+    return x, np.minimum(y, num_classes - 1)
+
+
+def vector_data(n: int = 128, features: int = 8, num_classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    y = np.argmax(x[:, :num_classes], axis=1)
+    return x, y
+
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.fixture
+def cnn():
+    return cnn_with_bn()
