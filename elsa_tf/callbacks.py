@@ -165,3 +165,7 @@ class LevelScheduler(keras.callbacks.Callback):
             "levels": self.levels,
             "steps_per_epoch": self.steps_per_epoch,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -1,10 +1,10 @@
 """`FreezingOptimizer`: keeps the weights of finished levels exactly as they are.
 
 Masking gradients is not enough: momentum, Adam's moments and decoupled weight
-decay all move a weight whose gradient is zero. So the wrapper lets the inner
-optimizer update every variable, then writes the frozen entries back from a
-copy taken just before. Shared weights that are frozen whole are simply not
-trainable (see `ElsaWrapper.sync_trainable`) and never reach the optimizer.
+decay all move a weight whose gradient is zero. So variables frozen whole are
+not passed to the inner optimizer at all, and for variables frozen in part the
+inner optimizer updates everything, then the frozen entries are written back
+from a copy taken just before.
 """
 
 from __future__ import annotations
@@ -90,15 +90,18 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
-        frozen = [wrapper_lib.frozen_mask(v) for v in trainable_variables]
-        saved = [
-            None if m is None else tf.identity(v.value)
-            for v, m in zip(trainable_variables, frozen)
-        ]
-        self.inner_optimizer.apply(grads, trainable_variables)
-        for v, m, old in zip(trainable_variables, frozen, saved):
-            if m is not None:
-                v.assign(tf.where(m, old, v.value))
+        updates, partial = [], []
+        for g, v in zip(grads, trainable_variables):
+            mask = wrapper_lib.frozen_mask(v)
+            if mask is True:
+                continue
+            updates.append((g, v))
+            if mask is not None:
+                partial.append((v, mask, tf.identity(v.value)))
+        if updates:
+            self.inner_optimizer.apply(*map(list, zip(*updates)))
+        for v, mask, old in partial:
+            v.assign(tf.where(mask, old, v.value))
 
     @property
     def learning_rate(self):

@@ -11,9 +11,10 @@ own block) is masked without re-implementing its math.
 Shared weights (everything not prunable: biases, normalization parameters and
 statistics, excluded kernels) are kept as the `shared` option says:
 
-* `"freeze"`: trained with level 0, frozen afterwards. A wrapped layer with no
-  prunable weights (a `BatchNormalization`, say) is set non-trainable, which
-  also puts normalization layers in inference mode, as in Keras fine-tuning.
+* `"freeze"`: trained with level 0, frozen afterwards. A frozen layer with no
+  prunable weights (a `BatchNormalization`, say) is then called with
+  `training=False`, so normalization runs in inference mode, as Keras does for
+  a frozen layer when fine-tuning.
 * `"per_level"`: every level trains its own copy, starting from the previous
   level's. Finished levels' copies are kept in a bank of `K - 1` entries.
 """
@@ -34,27 +35,36 @@ from elsa_tf import schedules
 SHARED_MODES = ("freeze", "per_level")
 SELECTIONS = ("per_layer", "global")
 
-# id(variable) -> (weak wrapper, index of the weight in wrapper.prunable_weights).
-# The optimizer wrapper looks frozen masks up here: it only sees variables.
-_FROZEN_MASK_OWNERS: dict[int, tuple[weakref.ref, int]] = {}
+# id(variable) -> (weak wrapper, index into its level maps, or None for a
+# shared weight). The optimizer wrapper only sees variables, so it looks their
+# frozen entries up here.
+_OWNERS: dict[int, tuple[weakref.ref, int | None]] = {}
 
 
-def frozen_mask(variable) -> tf.Tensor | None:
-    """Boolean mask of the frozen entries of `variable`, or None if it has none."""
-    entry = _FROZEN_MASK_OWNERS.get(id(variable))
-    if entry is None:
-        return None
-    wrapper = entry[0]()
+def frozen_mask(variable):
+    """What of `variable` is frozen now.
+
+    Returns:
+        None if nothing is (or the variable is not elsa_tf's), True if all of
+        it is (a shared weight after level 0 under `shared="freeze"`), else a
+        boolean tensor marking the frozen entries. The Python answers are
+        fixed when a train step is traced; `LevelScheduler` retraces after
+        every level.
+    """
+    entry = _OWNERS.get(id(variable))
+    wrapper = entry[0]() if entry else None
     if wrapper is None:
         return None
     index = entry[1]
+    if index is None:
+        return True if wrapper._shared_frozen else None
     return levels.frozen_mask(wrapper.level_maps[index].value, wrapper.current_level.value)
 
 
 def _register(variable, wrapper, index):
     key = id(variable)
-    _FROZEN_MASK_OWNERS[key] = (weakref.ref(wrapper), index)
-    weakref.finalize(variable, _FROZEN_MASK_OWNERS.pop, key, None)
+    _OWNERS[key] = (weakref.ref(wrapper), index)
+    weakref.finalize(variable, _OWNERS.pop, key, None)
 
 
 @keras.saving.register_keras_serializable(package="elsa_tf")
@@ -71,9 +81,6 @@ class ElsaWrapper(keras.layers.Wrapper):
         shared: how shared weights are kept, `"freeze"` or `"per_level"`.
         schedule: the `LevelSchedule` (or its identifier) used inside a level.
         selection: `"per_layer"` or `"global"` magnitude selection.
-        shared_frozen: whether the shared weights are frozen already (set when
-            a model past level 0 is saved, so that a reloaded model and its
-            optimizer see the same trainable weights as before saving).
         **kwargs: base `Layer` arguments such as `name`.
     """
 
@@ -85,7 +92,6 @@ class ElsaWrapper(keras.layers.Wrapper):
         shared: str = "freeze",
         schedule=None,
         selection: str = "per_layer",
-        shared_frozen: bool = False,
         **kwargs,
     ):
         super().__init__(layer, **kwargs)
@@ -105,7 +111,6 @@ class ElsaWrapper(keras.layers.Wrapper):
         self.supports_masking = getattr(layer, "supports_masking", False)
         self._call_has_training = "training" in inspect.signature(layer.call).parameters
         self._state_created = False
-        self._saved_shared_frozen = bool(shared_frozen)
         if layer.built:
             self._create_state()
 
@@ -115,15 +120,22 @@ class ElsaWrapper(keras.layers.Wrapper):
 
     # -- state ---------------------------------------------------------------
 
+    @property
+    def prunable_weights(self) -> list:
+        """The wrapped layer's weights that are pruned."""
+        if not self.prune:
+            return []
+        return prunable_lib.get_prunable_weights(self.layer)
+
+    @property
+    def shared_weights(self) -> list:
+        """The wrapped layer's other weights (see the module docstring)."""
+        pruned = {id(w) for w in self.prunable_weights}
+        return [w for w in self.layer.weights if id(w) not in pruned]
+
     def _create_state(self):
         if self._state_created:
             return
-        inner = self.layer
-        self.prunable_weights = (
-            prunable_lib.get_prunable_weights(inner) if self.prune else []
-        )
-        prunable_ids = {id(w) for w in self.prunable_weights}
-        self.shared_weights = [w for w in inner.weights if id(w) not in prunable_ids]
         self.level_maps = []
         for i, w in enumerate(self.prunable_weights):
             self.level_maps.append(
@@ -145,6 +157,8 @@ class ElsaWrapper(keras.layers.Wrapper):
             name="view_level",
         )
         self.banks = []
+        for w in self.shared_weights:
+            _register(w, self, None)
         if self.shared == "per_level" and self.num_levels > 1:
             for i, w in enumerate(self.shared_weights):
                 self.banks.append(
@@ -156,13 +170,9 @@ class ElsaWrapper(keras.layers.Wrapper):
                         name=f"bank_{i}_{w.name}",
                     )
                 )
-        self._originally_trainable = [w.trainable for w in self.shared_weights]
-        self._inner_trainable = inner.trainable
         self._shared_frozen = False
         self._state_created = True
         self.built = True
-        if self._saved_shared_frozen:
-            self._apply_shared_frozen(True)
 
     def build(self, *args, **kwargs):
         # The wrapped layer is built before wrapping (or by build_from_config).
@@ -178,27 +188,18 @@ class ElsaWrapper(keras.layers.Wrapper):
 
     def load_own_variables(self, store):
         super().load_own_variables(store)
-        self.sync_trainable()
+        self.sync_level_state()
 
-    def sync_trainable(self):
-        """Applies the `"freeze"` policy to the shared weights' trainability.
+    def sync_level_state(self):
+        """Re-reads the level from the variables into what tracing uses.
 
-        Called after every level change; it changes what a traced train step
-        does, so callers retrace (`LevelScheduler` does).
+        Whether the shared weights are frozen is decided when a step is
+        traced, so callers retrace after a level change (`LevelScheduler`
+        does).
         """
-        self._apply_shared_frozen(
+        self._shared_frozen = (
             self.shared == "freeze" and int(self.current_level.numpy()) >= 1
         )
-
-    def _apply_shared_frozen(self, frozen: bool):
-        self._shared_frozen = frozen
-        if not self.prunable_weights:
-            # A pure shared layer: non-trainable also means inference-mode
-            # normalization, so frozen statistics stay consistent with use.
-            self.layer.trainable = self._inner_trainable and not frozen
-            return
-        for w, was_trainable in zip(self.shared_weights, self._originally_trainable):
-            w.trainable = was_trainable and not frozen
 
     # -- forward -------------------------------------------------------------
 
@@ -212,7 +213,8 @@ class ElsaWrapper(keras.layers.Wrapper):
 
     def call(self, *args, training=None, **kwargs):
         if self._call_has_training:
-            kwargs["training"] = training
+            frozen_whole = self._shared_frozen and not self.prunable_weights
+            kwargs["training"] = False if frozen_whole else training
         view = self.view_level.value
         mapping = [
             (w, levels.masked_weight(w.value, m.value, view))
@@ -280,7 +282,7 @@ class ElsaWrapper(keras.layers.Wrapper):
                 m.assign(levels.open_map(m.value, k + 1))
         self.current_level.assign(k + 1)
         self.view_level.assign(min(k + 1, self.num_levels - 1))
-        self.sync_trainable()
+        self.sync_level_state()
 
     def get_config(self):
         config = super().get_config()
@@ -291,7 +293,6 @@ class ElsaWrapper(keras.layers.Wrapper):
                 "shared": self.shared,
                 "schedule": self.schedule.get_config(),
                 "selection": self.selection,
-                "shared_frozen": self._shared_frozen,
             }
         )
         return config

@@ -1,0 +1,136 @@
+"""get_config / from_config round trips, saving, loading and storage cost."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+from conftest import LOSS, cnn_with_bn, image_data
+
+import elsa_tf
+from elsa_tf import model_ops
+
+
+def _config_round_trip(obj):
+    config = keras.saving.serialize_keras_object(obj)
+    return keras.saving.deserialize_keras_object(config)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"prune": False},
+        {"shared": "per_level"},
+        {"selection": "global"},
+        {"schedule": elsa_tf.LevelSchedule("constant", end_fraction=0.5, frequency=3)},
+        {"name": "custom_name"},
+    ],
+)
+def test_wrapper_config_round_trip_keeps_every_argument(kwargs):
+    layer = keras.layers.Dense(3)
+    layer.build((None, 4))
+    wrapper = elsa_tf.ElsaWrapper(layer, [0.9, 0.5, 0.0], **kwargs)
+    clone = _config_round_trip(wrapper)
+    assert clone.get_config() == wrapper.get_config()
+    assert clone.sparsities == (0.9, 0.5, 0.0)
+    for key, value in kwargs.items():
+        assert clone.get_config()[key] == (
+            value.get_config() if key == "schedule" else value
+        )
+
+
+def test_schedule_config_round_trip_keeps_every_argument():
+    schedule = elsa_tf.LevelSchedule(
+        "constant", power=2.0, begin_fraction=0.1, end_fraction=0.6, frequency=7
+    )
+    assert _config_round_trip(schedule) == schedule
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"kind": "cubic"}, "kind='cubic'"),
+        ({"begin_fraction": 0.8, "end_fraction": 0.5}, "end_fraction=0.5"),
+        ({"frequency": 0}, "frequency=0"),
+        ({"power": 0}, "power=0"),
+    ],
+)
+def test_schedule_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        elsa_tf.LevelSchedule(**kwargs)
+
+
+def test_schedule_reaches_the_target_on_an_aligned_step():
+    schedule = elsa_tf.LevelSchedule(end_fraction=0.75)
+    begin, end, frequency = schedule.steps(103)
+    assert (end - begin) % frequency == 0 and end <= 0.75 * 103
+    tfmot_schedule = schedule.build(0.8, 103)
+    should_prune, sparsity = tfmot_schedule(end)
+    assert bool(should_prune) and abs(float(sparsity) - 0.8) < 1e-6
+
+
+def test_optimizer_config_round_trip_keeps_every_argument():
+    optimizer = elsa_tf.FreezingOptimizer(
+        keras.optimizers.AdamW(3e-3, weight_decay=0.1), name="freezer"
+    )
+    clone = _config_round_trip(optimizer)
+    assert clone.name == "freezer"
+    assert clone.inner_optimizer.get_config() == optimizer.inner_optimizer.get_config()
+
+
+def test_scheduler_config_round_trip_keeps_every_argument():
+    scheduler = elsa_tf.LevelScheduler(3, levels=[1, 2], steps_per_epoch=10)
+    clone = elsa_tf.LevelScheduler.from_config(scheduler.get_config())
+    assert clone.get_config() == {"epochs_per_level": 3, "levels": [1, 2], "steps_per_epoch": 10}
+
+
+@pytest.mark.parametrize("shared", ["freeze", "per_level"])
+def test_save_mid_training_then_continue(tmp_path, shared):
+    x, y = image_data()
+    model = elsa_tf.embed(cnn_with_bn(), [0.8, 0.5, 0.0], shared=shared)
+    elsa_tf.fit(model, x, y, levels=[0], epochs_per_level=2,
+                optimizer=keras.optimizers.Adam(0.01), loss=LOSS, verbose=0)
+    level0 = elsa_tf.extract(model, 0).predict(x, verbose=0)
+    path = tmp_path / "embedded.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert model_ops.current_level(loaded) == 1
+    assert elsa_tf.summary(loaded) == elsa_tf.summary(model)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert isinstance(loaded.optimizer, elsa_tf.FreezingOptimizer)
+    elsa_tf.fit(loaded, x, y, epochs_per_level=2, optimizer=keras.optimizers.Adam(0.01),
+                loss=LOSS, verbose=0)
+    assert model_ops.current_level(loaded) == 3
+    np.testing.assert_allclose(
+        elsa_tf.extract(loaded, 0).predict(x, verbose=0), level0, atol=1e-6, rtol=0
+    )
+
+
+def _mlp():
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(300, activation="relu"),
+            keras.layers.Dense(100, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def test_level_maps_cost_one_byte_per_weight_and_the_file_stays_small(tmp_path):
+    base = _mlp()
+    model = elsa_tf.embed(base, [0.95, 0.9, 0.75, 0.5, 0.0])
+    prunable = sum(int(np.prod(w.shape)) for w in model_ops.wrappers(model)
+                   for w in w.prunable_weights)
+    map_bytes = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
+                    for w in model_ops.wrappers(model) for m in w.level_maps)
+    assert map_bytes == prunable
+    extra = [v for v in model.weights if "level_map" not in v.path]
+    assert sum(int(np.prod(v.shape)) for v in extra) < 1.01 * base.count_params()
+    base.save(tmp_path / "plain.keras")
+    model.save(tmp_path / "embedded.keras")
+    ratio = os.path.getsize(tmp_path / "embedded.keras") / os.path.getsize(
+        tmp_path / "plain.keras"
+    )
+    assert ratio <= 1.3, ratio
