@@ -7,9 +7,8 @@ from collections.abc import Callable, Iterable
 import keras
 
 from elsa_tf import levels as levels_lib
-from elsa_tf import model_ops
+from elsa_tf import model_ops, schedules
 from elsa_tf import prunable as prunable_lib
-from elsa_tf import schedules
 from elsa_tf._keras_compat import is_functional
 from elsa_tf.wrapper import SELECTIONS, SHARED_MODES, ElsaWrapper
 
@@ -37,7 +36,10 @@ def _prune_predicate(model, prune) -> Callable[[keras.layers.Layer], bool]:
         types = prune if isinstance(prune, tuple) else (prune,)
         for t in types:
             if not issubclass(t, keras.layers.Layer):
-                raise TypeError(f"prune types must be Keras layer classes. Received: prune={prune!r}")
+                raise TypeError(
+                    "prune types must be Keras layer classes. "
+                    f"Received: prune={prune!r}"
+                )
         return lambda layer: isinstance(layer, types)
     if isinstance(prune, str):
         prune = [prune]
@@ -90,7 +92,8 @@ def _copy_layer(layer):
 def _check_cloneable(model):
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model. Received: model={model!r}")
-    for m in [model, *(l for l in _all_layers(model) if isinstance(l, keras.Model))]:
+    nested = [m for m in _all_layers(model) if isinstance(m, keras.Model)]
+    for m in [model, *nested]:
         if not isinstance(m, keras.Sequential) and not is_functional(m):
             raise TypeError(
                 f"Cannot embed model {m.name!r}: it is a subclassed "
@@ -158,7 +161,9 @@ def embed(
     sparsities = levels_lib.validate_sparsities(sparsities)
     _check_cloneable(model)
     if shared not in SHARED_MODES:
-        raise ValueError(f"shared must be one of {SHARED_MODES}. Received: shared={shared!r}")
+        raise ValueError(
+            f"shared must be one of {SHARED_MODES}. Received: shared={shared!r}"
+        )
     if selection not in SELECTIONS:
         raise ValueError(
             f"selection must be one of {SELECTIONS}. Received: selection={selection!r}"

@@ -64,8 +64,7 @@ def validate_sparsities(sparsities: Sequence[float]) -> tuple[float, ...]:
         )
     if any(not 0.0 <= s < 1.0 for s in values):
         raise ValueError(
-            "Every sparsity must be in [0, 1). "
-            f"Received: sparsities={list(values)}"
+            f"Every sparsity must be in [0, 1). Received: sparsities={list(values)}"
         )
     if any(b >= a for a, b in zip(values, values[1:])):
         raise ValueError(
@@ -145,9 +144,7 @@ def prune_map(level_map: tf.Tensor, keep: tf.Tensor, level) -> tf.Tensor:
 
 def open_map(level_map: tf.Tensor, level) -> tf.Tensor:
     """Starts `level`: every weight no finished level uses becomes free for it."""
-    return tf.where(
-        tf.equal(level_map, UNUSED), tf.cast(level, MAP_DTYPE), level_map
-    )
+    return tf.where(tf.equal(level_map, UNUSED), tf.cast(level, MAP_DTYPE), level_map)
 
 
 def level_counts(level_map: tf.Tensor, num_levels: int) -> tf.Tensor:

@@ -95,7 +95,9 @@ def prune_to(model, sparsity) -> None:
     if k >= wrapper0.num_levels:
         raise ValueError("Every level is finished; there is nothing left to prune.")
     if wrapper0.selection == "global":
-        scores = [tf.reshape(tf.abs(w.prunable_weights[i].value), [-1]) for w, i in entries]
+        scores = [
+            tf.reshape(tf.abs(w.prunable_weights[i].value), [-1]) for w, i in entries
+        ]
         maps = [tf.reshape(w.level_maps[i].value, [-1]) for w, i in entries]
         all_maps = tf.concat(maps, 0)
         total = int(all_maps.shape[0])
@@ -112,11 +114,15 @@ def prune_to(model, sparsity) -> None:
                 int(tf.size(m)), levels.count(levels.frozen_mask(m, k)), sparsity
             )
             keeps.append(
-                levels.select_top(tf.abs(w.prunable_weights[i].value), tf.equal(m, k), n_free)
+                levels.select_top(
+                    tf.abs(w.prunable_weights[i].value), tf.equal(m, k), n_free
+                )
             )
     for (w, i), keep in zip(entries, keeps):
         level_map = w.level_maps[i]
-        new_map = levels.prune_map(level_map.value, tf.reshape(keep, level_map.shape), k)
+        new_map = levels.prune_map(
+            level_map.value, tf.reshape(keep, level_map.shape), k
+        )
         level_map.assign(new_map)
         weight = w.prunable_weights[i]
         weight.assign(levels.masked_weight(weight.value, new_map, k))
@@ -147,7 +153,8 @@ def level_counts(model) -> list[dict]:
                     "weight": weight.path,
                     "size": int(tf.size(level_map.value)),
                     "kept": [
-                        int(c) for c in levels.level_counts(level_map.value, w.num_levels)
+                        int(c)
+                        for c in levels.level_counts(level_map.value, w.num_levels)
                     ],
                 }
             )

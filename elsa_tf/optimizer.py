@@ -34,9 +34,9 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
 
     Example:
 
-    >>> opt = FreezingOptimizer(keras.optimizers.Adam(1e-3))
+    >>> opt = FreezingOptimizer(keras.optimizers.Adam(0.5))
     >>> float(opt.learning_rate)
-    0.001
+    0.5
     """
 
     def __init__(self, inner_optimizer, name: str | None = None, **kwargs):
@@ -122,7 +122,9 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
         # Like LossScaleOptimizer: only the name and the inner optimizer.
         return {
             "name": self.name,
-            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "inner_optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
         }
 
     @classmethod

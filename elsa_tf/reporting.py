@@ -6,17 +6,25 @@ from elsa_tf import model_ops
 
 
 class LevelSummary(list):
-    """A list of per-level dicts that prints as a table."""
+    """A list of per-level dicts that prints as a table.
+
+    Rows that carry an `"accuracy"` (added by the caller after evaluating each
+    level) print it as a last column.
+    """
 
     def __str__(self) -> str:
+        with_accuracy = any("accuracy" in row for row in self)
         lines = [
-            f"{'level':>5}  {'target':>7}  {'achieved':>8}  {'kept':>10}  {'of':>10}  status"
+            f"{'level':>5}  {'target':>7}  {'achieved':>8}  {'kept':>10}  "
+            f"{'of':>10}  {'status':<8}" + ("  accuracy" if with_accuracy else "")
         ]
         for row in self:
+            accuracy = row.get("accuracy")
             lines.append(
                 f"{row['level']:>5}  {row['target_sparsity']:>7.2%}  "
                 f"{row['achieved_sparsity']:>8.2%}  {row['kept']:>10,}  "
-                f"{row['total']:>10,}  {row['status']}"
+                f"{row['total']:>10,}  {row['status']:<8}"
+                + (f"  {accuracy:>8.2%}" if accuracy is not None else "")
             )
             for layer in row.get("layers", []):
                 lines.append(
@@ -57,7 +65,9 @@ def summary(model, per_layer: bool = False) -> LevelSummary:
             "achieved_sparsity": 1.0 - kept / total,
             "kept": kept,
             "total": total,
-            "status": "finished" if k < current else ("training" if k == current else "pending"),
+            "status": "finished"
+            if k < current
+            else ("training" if k == current else "pending"),
         }
         if per_layer:
             row["layers"] = [

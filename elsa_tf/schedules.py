@@ -56,10 +56,13 @@ class LevelSchedule:
                 f"begin_fraction={begin_fraction}, end_fraction={end_fraction}"
             )
         if frequency is not None and (
-            isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1
+            isinstance(frequency, bool)
+            or not isinstance(frequency, int)
+            or frequency < 1
         ):
             raise ValueError(
-                f"frequency must be a positive int or None. Received: frequency={frequency!r}"
+                "frequency must be a positive int or None. "
+                f"Received: frequency={frequency!r}"
             )
         if power <= 0:
             raise ValueError(f"power must be positive. Received: power={power}")
@@ -119,7 +122,9 @@ class LevelSchedule:
         return cls(**config)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, LevelSchedule) and self.get_config() == other.get_config()
+        return (
+            isinstance(other, LevelSchedule) and self.get_config() == other.get_config()
+        )
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())

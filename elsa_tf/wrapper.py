@@ -28,9 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from elsa_tf import levels
+from elsa_tf import levels, schedules
 from elsa_tf import prunable as prunable_lib
-from elsa_tf import schedules
 
 SHARED_MODES = ("freeze", "per_level")
 SELECTIONS = ("per_layer", "global")
@@ -58,7 +57,9 @@ def frozen_mask(variable):
     index = entry[1]
     if index is None:
         return True if wrapper._shared_frozen else None
-    return levels.frozen_mask(wrapper.level_maps[index].value, wrapper.current_level.value)
+    return levels.frozen_mask(
+        wrapper.level_maps[index].value, wrapper.current_level.value
+    )
 
 
 def _register(variable, wrapper, index):
@@ -102,7 +103,8 @@ class ElsaWrapper(keras.layers.Wrapper):
             )
         if selection not in SELECTIONS:
             raise ValueError(
-                f"selection must be one of {SELECTIONS}. Received: selection={selection!r}"
+                f"selection must be one of {SELECTIONS}. "
+                f"Received: selection={selection!r}"
             )
         self.prune = bool(prune)
         self.shared = shared
@@ -149,11 +151,17 @@ class ElsaWrapper(keras.layers.Wrapper):
             )
             _register(w, self, i)
         self.current_level = self.add_weight(
-            shape=(), initializer="zeros", dtype="int32", trainable=False,
+            shape=(),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
             name="current_level",
         )
         self.view_level = self.add_weight(
-            shape=(), initializer="zeros", dtype="int32", trainable=False,
+            shape=(),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
             name="view_level",
         )
         self.banks = []
@@ -254,13 +262,15 @@ class ElsaWrapper(keras.layers.Wrapper):
     # -- level transitions (eager) ---------------------------------------------
 
     def effective_weights(self, level: int) -> list[np.ndarray]:
-        """Values of the wrapped layer's weights at `level`, in `layer.weights` order."""
+        """The wrapped layer's weights at `level`, in `layer.weights` order."""
         values = {}
         for w, m in zip(self.prunable_weights, self.level_maps):
             values[id(w)] = levels.masked_weight(w.value, m.value, level).numpy()
         for i, w in enumerate(self.shared_weights):
             if self.banks:
-                values[id(w)] = self._shared_value(i, tf.constant(level, tf.int32))[1].numpy()
+                values[id(w)] = self._shared_value(i, tf.constant(level, tf.int32))[
+                    1
+                ].numpy()
             else:
                 values[id(w)] = keras.ops.convert_to_numpy(w.value)
         return [values[id(w)] for w in self.layer.weights]
@@ -269,7 +279,9 @@ class ElsaWrapper(keras.layers.Wrapper):
         """Freezes the current level and opens the next one."""
         k = int(self.current_level.numpy())
         if k >= self.num_levels:
-            raise ValueError(f"All {self.num_levels} levels of {self.name!r} are finished.")
+            raise ValueError(
+                f"All {self.num_levels} levels of {self.name!r} are finished."
+            )
         for i, w in enumerate(self.shared_weights if self.banks else []):
             if k < self.num_levels - 1:
                 bank = self.banks[i]

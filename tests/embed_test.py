@@ -18,8 +18,15 @@ def test_input_model_is_not_modified():
     before = _weights(base)
     model = elsa_tf.embed(base, [0.9, 0.0])
     x, y = image_data()
-    elsa_tf.fit(model, x, y, epochs_per_level=1, optimizer=keras.optimizers.Adam(0.05),
-                loss=LOSS, verbose=0)
+    elsa_tf.fit(
+        model,
+        x,
+        y,
+        epochs_per_level=1,
+        optimizer=keras.optimizers.Adam(0.05),
+        loss=LOSS,
+        verbose=0,
+    )
     for a, b in zip(before, base.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert not any(isinstance(layer, elsa_tf.ElsaWrapper) for layer in base.layers)
@@ -29,9 +36,13 @@ def test_sparsity_zero_leaves_the_model_exactly_dense():
     base = cnn_with_bn()
     x, _ = image_data()
     model = elsa_tf.embed(base, [0.0])
-    np.testing.assert_array_equal(model.predict(x, verbose=0), base.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        model.predict(x, verbose=0), base.predict(x, verbose=0)
+    )
     model_ops.finish_level(model)
-    np.testing.assert_array_equal(model.predict(x, verbose=0), base.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        model.predict(x, verbose=0), base.predict(x, verbose=0)
+    )
     assert elsa_tf.summary(model)[0]["achieved_sparsity"] == 0.0
 
 
@@ -137,8 +148,15 @@ def test_global_selection_hits_the_global_target():
         [keras.Input((8,)), keras.layers.Dense(64, name="wide"), keras.layers.Dense(3)]
     )
     model = elsa_tf.embed(base, [0.9, 0.0], selection="global")
-    elsa_tf.fit(model, x, y, epochs_per_level=1, optimizer=keras.optimizers.Adam(0.01),
-                loss=LOSS, verbose=0)
+    elsa_tf.fit(
+        model,
+        x,
+        y,
+        epochs_per_level=1,
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=LOSS,
+        verbose=0,
+    )
     rows = elsa_tf.summary(model, per_layer=True)
     assert abs(rows[0]["achieved_sparsity"] - 0.9) < 0.005
     per_layer = [layer["sparsity"] for layer in rows[0]["layers"]]
@@ -149,8 +167,12 @@ def test_custom_layer_protocol():
     @keras.saving.register_keras_serializable(package="elsa_tf_test")
     class Scale(keras.layers.Layer):
         def build(self, input_shape):
-            self.w = self.add_weight(shape=input_shape[-1:], initializer="ones", name="w")
-            self.b = self.add_weight(shape=input_shape[-1:], initializer="zeros", name="b")
+            self.w = self.add_weight(
+                shape=input_shape[-1:], initializer="ones", name="w"
+            )
+            self.b = self.add_weight(
+                shape=input_shape[-1:], initializer="zeros", name="b"
+            )
 
         def call(self, x):
             return x * self.w + self.b

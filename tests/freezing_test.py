@@ -23,8 +23,15 @@ def test_finished_level_predictions_never_change(optimizer, shared):
     snapshots = []
     for level in range(3):
         elsa_tf.fit(
-            model, x, y, levels=[level], epochs_per_level=2,
-            optimizer=OPTIMIZERS[optimizer](), loss=LOSS, batch_size=32, verbose=0,
+            model,
+            x,
+            y,
+            levels=[level],
+            epochs_per_level=2,
+            optimizer=OPTIMIZERS[optimizer](),
+            loss=LOSS,
+            batch_size=32,
+            verbose=0,
         )
         snapshots.append(elsa_tf.extract(model, level).predict(x, verbose=0))
     for level, before in enumerate(snapshots):

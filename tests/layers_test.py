@@ -55,7 +55,11 @@ def _nested():
 
 def _sequential():
     return keras.Sequential(
-        [keras.Input((6,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)]
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(3),
+        ]
     )
 
 
@@ -100,11 +104,22 @@ def test_layer_type_round_trip(name, tmp_path):
     x, y = _data(shape)
     sparsities = [0.75, 0.5, 0.0]
     model = elsa_tf.embed(base, sparsities)
-    elsa_tf.fit(model, x, y, epochs_per_level=1, optimizer=keras.optimizers.Adam(1e-2),
-                loss=LOSS, batch_size=16, verbose=0)
+    elsa_tf.fit(
+        model,
+        x,
+        y,
+        epochs_per_level=1,
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=LOSS,
+        batch_size=16,
+        verbose=0,
+    )
     rows = elsa_tf.summary(model)
     for row in rows:
-        assert abs(row["achieved_sparsity"] - row["target_sparsity"]) <= 0.005 + 1.0 / row["total"]
+        assert (
+            abs(row["achieved_sparsity"] - row["target_sparsity"])
+            <= 0.005 + 1.0 / row["total"]
+        )
     # Nesting, bit for bit, on every prunable weight.
     for wrapper in elsa_tf.model_ops.wrappers(model):
         for weight, level_map in zip(wrapper.prunable_weights, wrapper.level_maps):
@@ -119,10 +134,13 @@ def test_layer_type_round_trip(name, tmp_path):
     for k in range(len(sparsities)):
         extracted = elsa_tf.extract(model, k)
         assert not any(
-            isinstance(layer, elsa_tf.ElsaWrapper) for layer in extracted._flatten_layers()
+            isinstance(layer, elsa_tf.ElsaWrapper)
+            for layer in extracted._flatten_layers()
         )
         elsa_tf.set_level(model, k)
-        np.testing.assert_array_equal(extracted.predict(x, verbose=0), model.predict(x, verbose=0))
+        np.testing.assert_array_equal(
+            extracted.predict(x, verbose=0), model.predict(x, verbose=0)
+        )
     # Save and load change nothing.
     path = tmp_path / "model.keras"
     model.save(path)
@@ -130,4 +148,6 @@ def test_layer_type_round_trip(name, tmp_path):
     for k in range(len(sparsities)):
         elsa_tf.set_level(model, k)
         elsa_tf.set_level(loaded, k)
-        np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+        np.testing.assert_array_equal(
+            loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+        )

@@ -57,9 +57,15 @@ def test_select_top_is_exact_with_ties():
 def test_select_top_prefers_large_scores_and_clips():
     scores = tf.constant([0.1, 0.9, 0.5, 0.7])
     candidates = tf.constant([True, True, True, False])
-    np.testing.assert_array_equal(levels.select_top(scores, candidates, 2), [0, 1, 1, 0])
-    np.testing.assert_array_equal(levels.select_top(scores, candidates, 9), [1, 1, 1, 0])
-    np.testing.assert_array_equal(levels.select_top(scores, candidates, -1), [0, 0, 0, 0])
+    np.testing.assert_array_equal(
+        levels.select_top(scores, candidates, 2), [0, 1, 1, 0]
+    )
+    np.testing.assert_array_equal(
+        levels.select_top(scores, candidates, 9), [1, 1, 1, 0]
+    )
+    np.testing.assert_array_equal(
+        levels.select_top(scores, candidates, -1), [0, 0, 0, 0]
+    )
 
 
 def test_keep_counts_count_frozen_as_kept():

@@ -82,25 +82,46 @@ def test_optimizer_config_round_trip_keeps_every_argument():
 def test_scheduler_config_round_trip_keeps_every_argument():
     scheduler = elsa_tf.LevelScheduler(3, levels=[1, 2], steps_per_epoch=10)
     clone = elsa_tf.LevelScheduler.from_config(scheduler.get_config())
-    assert clone.get_config() == {"epochs_per_level": 3, "levels": [1, 2], "steps_per_epoch": 10}
+    assert clone.get_config() == {
+        "epochs_per_level": 3,
+        "levels": [1, 2],
+        "steps_per_epoch": 10,
+    }
 
 
 @pytest.mark.parametrize("shared", ["freeze", "per_level"])
 def test_save_mid_training_then_continue(tmp_path, shared):
     x, y = image_data()
     model = elsa_tf.embed(cnn_with_bn(), [0.8, 0.5, 0.0], shared=shared)
-    elsa_tf.fit(model, x, y, levels=[0], epochs_per_level=2,
-                optimizer=keras.optimizers.Adam(0.01), loss=LOSS, verbose=0)
+    elsa_tf.fit(
+        model,
+        x,
+        y,
+        levels=[0],
+        epochs_per_level=2,
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=LOSS,
+        verbose=0,
+    )
     level0 = elsa_tf.extract(model, 0).predict(x, verbose=0)
     path = tmp_path / "embedded.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert model_ops.current_level(loaded) == 1
     assert elsa_tf.summary(loaded) == elsa_tf.summary(model)
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
     assert isinstance(loaded.optimizer, elsa_tf.FreezingOptimizer)
-    elsa_tf.fit(loaded, x, y, epochs_per_level=2, optimizer=keras.optimizers.Adam(0.01),
-                loss=LOSS, verbose=0)
+    elsa_tf.fit(
+        loaded,
+        x,
+        y,
+        epochs_per_level=2,
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=LOSS,
+        verbose=0,
+    )
     assert model_ops.current_level(loaded) == 3
     np.testing.assert_allclose(
         elsa_tf.extract(loaded, 0).predict(x, verbose=0), level0, atol=1e-6, rtol=0
@@ -121,10 +142,16 @@ def _mlp():
 def test_level_maps_cost_one_byte_per_weight_and_the_file_stays_small(tmp_path):
     base = _mlp()
     model = elsa_tf.embed(base, [0.95, 0.9, 0.75, 0.5, 0.0])
-    prunable = sum(int(np.prod(w.shape)) for w in model_ops.wrappers(model)
-                   for w in w.prunable_weights)
-    map_bytes = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
-                    for w in model_ops.wrappers(model) for m in w.level_maps)
+    prunable = sum(
+        int(np.prod(w.shape))
+        for w in model_ops.wrappers(model)
+        for w in w.prunable_weights
+    )
+    map_bytes = sum(
+        int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
+        for w in model_ops.wrappers(model)
+        for m in w.level_maps
+    )
     assert map_bytes == prunable
     extra = [v for v in model.weights if "level_map" not in v.path]
     assert sum(int(np.prod(v.shape)) for v in extra) < 1.01 * base.count_params()

@@ -20,15 +20,25 @@ def _fresh(seed_model):
 def _fit(model, levels=None, **kwargs):
     x, y = image_data()
     return elsa_tf.fit(
-        model, x, y, levels=levels, epochs_per_level=2,
-        optimizer=keras.optimizers.Adam(0.01), loss=LOSS, batch_size=32,
-        shuffle=False, verbose=0, **kwargs,
+        model,
+        x,
+        y,
+        levels=levels,
+        epochs_per_level=2,
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=LOSS,
+        batch_size=32,
+        shuffle=False,
+        verbose=0,
+        **kwargs,
     )
 
 
 def _predictions(model):
     x, _ = image_data()
-    return [elsa_tf.extract(model, k).predict(x, verbose=0) for k in range(len(SPARSITIES))]
+    return [
+        elsa_tf.extract(model, k).predict(x, verbose=0) for k in range(len(SPARSITIES))
+    ]
 
 
 def test_split_calls_train_like_one_call():
@@ -48,10 +58,17 @@ def test_plain_model_fit_with_scheduler_matches_elsa_fit():
     reference = _fresh(base)
     _fit(reference)
     plain = _fresh(base)
-    plain.compile(optimizer=elsa_tf.FreezingOptimizer(keras.optimizers.Adam(0.01)), loss=LOSS)
+    plain.compile(
+        optimizer=elsa_tf.FreezingOptimizer(keras.optimizers.Adam(0.01)), loss=LOSS
+    )
     x, y = image_data()
     plain.fit(
-        x, y, epochs=2 * len(SPARSITIES), batch_size=32, shuffle=False, verbose=0,
+        x,
+        y,
+        epochs=2 * len(SPARSITIES),
+        batch_size=32,
+        shuffle=False,
+        verbose=0,
         callbacks=[elsa_tf.LevelScheduler(epochs_per_level=2)],
     )
     assert model_ops.current_level(plain) == len(SPARSITIES)
@@ -61,10 +78,17 @@ def test_plain_model_fit_with_scheduler_matches_elsa_fit():
 
 def test_scheduler_stops_after_the_last_level():
     model = _fresh(cnn_with_bn())
-    model.compile(optimizer=elsa_tf.FreezingOptimizer(keras.optimizers.Adam()), loss=LOSS)
+    model.compile(
+        optimizer=elsa_tf.FreezingOptimizer(keras.optimizers.Adam()), loss=LOSS
+    )
     x, y = image_data()
-    history = model.fit(x, y, epochs=50, verbose=0,
-                        callbacks=[elsa_tf.LevelScheduler(epochs_per_level=1)])
+    history = model.fit(
+        x,
+        y,
+        epochs=50,
+        verbose=0,
+        callbacks=[elsa_tf.LevelScheduler(epochs_per_level=1)],
+    )
     assert len(history.history["loss"]) == len(SPARSITIES)
 
 
@@ -78,19 +102,32 @@ def test_fit_accepts_a_dataset_and_an_optimizer_factory():
         made.append(keras.optimizers.SGD(0.1, momentum=0.9))
         return made[-1]
 
-    elsa_tf.fit(model, data, epochs_per_level=1, optimizer=factory, loss=LOSS, verbose=0)
+    elsa_tf.fit(
+        model, data, epochs_per_level=1, optimizer=factory, loss=LOSS, verbose=0
+    )
     assert len(made) == 3 and len({id(o) for o in made}) == 3
     assert model_ops.current_level(model) == 3
 
 
 def test_dataset_of_unknown_length_needs_steps_per_epoch():
     x, y = image_data()
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).filter(lambda a, b: True)
+    data = (
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(16).filter(lambda a, b: True)
+    )
     model = _fresh(cnn_with_bn())
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        elsa_tf.fit(model, data, epochs_per_level=1, optimizer="adam", loss=LOSS, verbose=0)
-    elsa_tf.fit(model, data.repeat(), epochs_per_level=1, optimizer=keras.optimizers.Adam(),
-                loss=LOSS, steps_per_epoch=3, verbose=0)
+        elsa_tf.fit(
+            model, data, epochs_per_level=1, optimizer="adam", loss=LOSS, verbose=0
+        )
+    elsa_tf.fit(
+        model,
+        data.repeat(),
+        epochs_per_level=1,
+        optimizer=keras.optimizers.Adam(),
+        loss=LOSS,
+        steps_per_epoch=3,
+        verbose=0,
+    )
     assert model_ops.current_level(model) == 3
 
 
@@ -103,15 +140,25 @@ def test_achieved_sparsity_is_within_half_a_point(kind, selection):
     )
     sparsities = [0.97, 0.9, 0.6, 0.25]
     model = elsa_tf.embed(base, sparsities, schedule=kind, selection=selection)
-    elsa_tf.fit(model, x, y, epochs_per_level=2, optimizer=keras.optimizers.Adam(0.01),
-                loss=LOSS, batch_size=8, verbose=0)
+    elsa_tf.fit(
+        model,
+        x,
+        y,
+        epochs_per_level=2,
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=LOSS,
+        batch_size=8,
+        verbose=0,
+    )
     for row in elsa_tf.summary(model):
         assert abs(row["achieved_sparsity"] - row["target_sparsity"]) <= 0.005
 
 
 def test_pruning_is_gradual_and_frozen_weights_are_never_candidates():
     x, y = vector_data(n=64, features=40)
-    base = keras.Sequential([keras.Input((40,)), keras.layers.Dense(50), keras.layers.Dense(3)])
+    base = keras.Sequential(
+        [keras.Input((40,)), keras.layers.Dense(50), keras.layers.Dense(3)]
+    )
     model = elsa_tf.embed(base, [0.9, 0.5])
     kept_during_level_1 = []
 
@@ -119,11 +166,30 @@ def test_pruning_is_gradual_and_frozen_weights_are_never_candidates():
         def on_train_batch_end(self, batch, logs=None):
             kept_during_level_1.append(elsa_tf.summary(model)[1]["kept"])
 
-    elsa_tf.fit(model, x, y, levels=[0], epochs_per_level=3,
-                optimizer=keras.optimizers.Adam(0.01), loss=LOSS, batch_size=8, verbose=0)
+    elsa_tf.fit(
+        model,
+        x,
+        y,
+        levels=[0],
+        epochs_per_level=3,
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=LOSS,
+        batch_size=8,
+        verbose=0,
+    )
     level0 = [m.numpy() <= 0 for w in model_ops.wrappers(model) for m in w.level_maps]
-    elsa_tf.fit(model, x, y, levels=[1], epochs_per_level=3, callbacks=[Watch()],
-                optimizer=keras.optimizers.Adam(0.01), loss=LOSS, batch_size=8, verbose=0)
+    elsa_tf.fit(
+        model,
+        x,
+        y,
+        levels=[1],
+        epochs_per_level=3,
+        callbacks=[Watch()],
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=LOSS,
+        batch_size=8,
+        verbose=0,
+    )
     assert kept_during_level_1[0] > kept_during_level_1[-1]  # gradual, from dense
     assert kept_during_level_1 == sorted(kept_during_level_1, reverse=True)
     after = [m.numpy() for w in model_ops.wrappers(model) for m in w.level_maps]
@@ -161,16 +227,46 @@ def test_fit_rejects_bad_arguments(kwargs, error, message):
 def test_training_a_finished_level_is_refused():
     model = elsa_tf.embed(mlp(), [0.5, 0.0])
     x, y = vector_data()
-    elsa_tf.fit(model, x, y, levels=[0], epochs_per_level=1, optimizer=keras.optimizers.Adam(),
-                loss=LOSS, verbose=0)
+    elsa_tf.fit(
+        model,
+        x,
+        y,
+        levels=[0],
+        epochs_per_level=1,
+        optimizer=keras.optimizers.Adam(),
+        loss=LOSS,
+        verbose=0,
+    )
     with pytest.raises(ValueError, match=r"Level 0 is already finished.*levels=\[0\]"):
-        elsa_tf.fit(model, x, y, levels=[0], epochs_per_level=1,
-                    optimizer=keras.optimizers.Adam(), loss=LOSS, verbose=0)
-    elsa_tf.fit(model, x, y, epochs_per_level=1, optimizer=keras.optimizers.Adam(),
-                loss=LOSS, verbose=0)
+        elsa_tf.fit(
+            model,
+            x,
+            y,
+            levels=[0],
+            epochs_per_level=1,
+            optimizer=keras.optimizers.Adam(),
+            loss=LOSS,
+            verbose=0,
+        )
+    elsa_tf.fit(
+        model,
+        x,
+        y,
+        epochs_per_level=1,
+        optimizer=keras.optimizers.Adam(),
+        loss=LOSS,
+        verbose=0,
+    )
     with pytest.raises(ValueError, match="already finished"):
-        elsa_tf.fit(model, x, y, epochs_per_level=1, optimizer=keras.optimizers.Adam(),
-                    loss=LOSS, verbose=0)
+        elsa_tf.fit(
+            model,
+            x,
+            y,
+            epochs_per_level=1,
+            optimizer=keras.optimizers.Adam(),
+            loss=LOSS,
+            verbose=0,
+        )
 
 
 def test_freezing_optimizer_reset_restores_a_fresh_state():
