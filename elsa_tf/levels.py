@@ -95,6 +95,11 @@ def keep_count(total: int, sparsity) -> tf.Tensor:
     return tf.cast(tf.round((1.0 - tf.cast(sparsity, tf.float64)) * total_f), tf.int64)
 
 
+def magnitude(weight: tf.Tensor) -> tf.Tensor:
+    """Gradual magnitude pruning's score: keep the largest weights."""
+    return tf.abs(weight)
+
+
 def count(mask: tf.Tensor) -> tf.Tensor:
     """Number of true entries of a boolean mask, as int64."""
     return tf.math.count_nonzero(mask, dtype=tf.int64)

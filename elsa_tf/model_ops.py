@@ -80,12 +80,17 @@ def _prunable(model):
     return [(w, i) for w in wrappers(model) for i in range(len(w.prunable_weights))]
 
 
-def prune_to(model, sparsity) -> None:
+def prune_to(model, sparsity, score=levels.magnitude) -> None:
     """Prunes the free weights of the current level down to `sparsity`.
 
     Only weights kept so far in the current level are candidates (pruning is
     monotone inside a level, as in gradual magnitude pruning); frozen weights
     count as kept. Pruned weights are zeroed.
+
+    Args:
+        model: an embedded model.
+        sparsity: the sparsity to reach over the prunable weights.
+        score: weight tensor -> score tensor; the highest scores are kept.
     """
     entries = _prunable(model)
     if not entries:
@@ -96,7 +101,7 @@ def prune_to(model, sparsity) -> None:
         raise ValueError("Every level is finished; there is nothing left to prune.")
     if wrapper0.selection == "global":
         scores = [
-            tf.reshape(tf.abs(w.prunable_weights[i].value), [-1]) for w, i in entries
+            tf.reshape(score(w.prunable_weights[i].value), [-1]) for w, i in entries
         ]
         maps = [tf.reshape(w.level_maps[i].value, [-1]) for w, i in entries]
         all_maps = tf.concat(maps, 0)
@@ -115,7 +120,7 @@ def prune_to(model, sparsity) -> None:
             )
             keeps.append(
                 levels.select_top(
-                    tf.abs(w.prunable_weights[i].value), tf.equal(m, k), n_free
+                    score(w.prunable_weights[i].value), tf.equal(m, k), n_free
                 )
             )
     for (w, i), keep in zip(entries, keeps):
