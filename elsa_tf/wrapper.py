@@ -291,7 +291,7 @@ class ElsaWrapper(keras.layers.Wrapper):
             # computing exactly what level k computes.
             w.assign(levels.masked_weight(w.value, m.value, k))
             if k + 1 < self.num_levels:
-                m.assign(levels.open_map(m.value, k + 1))
+                m.assign(levels.open_map(m.numpy(), k + 1))
         self.current_level.assign(k + 1)
         self.view_level.assign(min(k + 1, self.num_levels - 1))
         self.sync_level_state()
