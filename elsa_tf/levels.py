@@ -91,7 +91,7 @@ def frozen_mask(level_map: tf.Tensor, current_level) -> tf.Tensor:
 
 def masked_weight(weight: tf.Tensor, level_map: tf.Tensor, level) -> tf.Tensor:
     """The weight as level `level` sees it: unused entries are zero."""
-    return weight * tf.cast(active_mask(level_map, level), weight.dtype)
+    return tf.where(active_mask(level_map, level), weight, tf.zeros_like(weight))
 
 
 def magnitude(weight: np.ndarray) -> np.ndarray:

@@ -57,6 +57,8 @@ def frozen_mask(variable):
     index = entry[1]
     if index is None:
         return True if wrapper._shared_frozen else None
+    if wrapper._traced_level == 0:
+        return None  # level 0 freezes nothing: skip the write-back altogether
     return levels.frozen_mask(
         wrapper.level_maps[index].value, wrapper.current_level.value
     )
@@ -179,6 +181,7 @@ class ElsaWrapper(keras.layers.Wrapper):
                     )
                 )
         self._shared_frozen = False
+        self._traced_level = 0
         self._state_created = True
         self.built = True
 
@@ -205,9 +208,8 @@ class ElsaWrapper(keras.layers.Wrapper):
         traced, so callers retrace after a level change (`LevelScheduler`
         does).
         """
-        self._shared_frozen = (
-            self.shared == "freeze" and int(self.current_level.numpy()) >= 1
-        )
+        self._traced_level = int(self.current_level.numpy())
+        self._shared_frozen = self.shared == "freeze" and self._traced_level >= 1
 
     # -- forward -------------------------------------------------------------
 
