@@ -2,22 +2,38 @@
 
 Every figure is a ratio, or a side-by-side comparison, measured in one run:
 
-* step time of the embedded model trained as a user trains it, over the plain
-  Keras 3 model trained with plain `model.fit` and the same optimizer (Adam);
+* step time of the embedded model trained as a user trains it
+  (`elsa_tf.fit`: a `FreezingOptimizer` and a `LevelScheduler` inside
+  `model.fit`), over the plain Keras 3 model trained with plain `model.fit`
+  and the same optimizer (Adam);
 * beside it, the same ratio for tfmot's `prune_low_magnitude` on the same
   architecture built with tf_keras (Keras 2), over the plain tf_keras model;
-* a breakdown of the embedded model's overhead: the wrappers alone (plain
-  Adam, no scheduler), plus the `FreezingOptimizer`, plus the `LevelScheduler`,
-  and the time spent inside the scheduler's hooks;
-* peak resident memory (`ru_maxrss`) of a training run, embedded over plain,
-  each measured in its own fresh process.
+* where the embedded model's time goes: inside `elsa_tf.fit`, the callbacks
+  before each step (the scheduler's mask updates) apart from the train
+  function, steps with a mask update apart from steps without, and each
+  level's start, first (traced) step and end; then a step-interleaved
+  profile (one `train_on_batch` of each model per round, so that every model
+  sees the same machine state) of the wrappers alone, plus the
+  `FreezingOptimizer`, at level 0 and at level 1 for both `shared` modes,
+  and the plain model with frozen BatchNormalization;
+* peak resident memory of a training run, embedded over plain, each measured
+  in its own fresh process.
 
-Step times are the differences between consecutive `on_train_batch_end`
-calls of a timer appended last, so each includes the callbacks run before the
-step (the scheduler's mask updates). The first epoch is warm-up and is not
-measured; steps that span two `fit` calls are not either. The data are
-random: only time is measured. The pruning schedule is active while measuring:
-every level prunes over its first 75% of steps (about 20 mask updates each).
+A step's time is the difference between consecutive `on_train_batch_end`
+calls of a timer appended last, so it includes the callbacks run before the
+step; the timer's `on_train_batch_begin`, run after every other callback's,
+splits it in two. Wall time (`perf_counter`) is the headline; the process's
+CPU time (`process_time`) is recorded beside it. The first epoch is warm-up
+and is not measured, nor are steps that span two `fit` calls (so not the
+first, traced step of a level under `elsa_tf.fit`: that is reported apart).
+The "mean" columns leave out the first step of every epoch, where Keras
+re-creates its data iterator (sometimes stalling for seconds). The pruning
+schedule is active while measuring: every level prunes over its first 75% of
+steps (the default `LevelSchedule`), and tfmot updates its masks as often
+over its one ramp. Run-to-run noise on a small shared VM is about +-20% of a
+median, so every configuration runs `--repeats` times in a rotated order and
+the per-repeat ratios are printed; the interleaved profile is the precise
+figure for per-step overheads.
 
 Commands used (from the repository root, 2 CPU cores, no GPU):
 
@@ -37,6 +53,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -46,43 +63,41 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-_ARCHS = ("cnn", "mlp")
-# Configurations timed for every architecture, in the order they run.
-_MAIN = ("keras", "elsa_fit", "tf_keras", "tfmot")
-# Extra configurations that split the embedded model's overhead into parts.
-_PROFILE = ("elsa_wrappers", "elsa_freezing", "elsa_scheduler")
-_LABELS = {
-    "keras": "Keras 3, plain model, Adam",
+ARCHS = ("cnn", "mlp")
+# Timed for every architecture, in this order, once per repeat.
+MAIN_CONFIGS = ("keras", "elsa_fit", "tf_keras", "tfmot")
+# What each configuration is compared with.
+BASELINE = {"tf_keras": "tf_keras", "tfmot": "tf_keras"}
+LABELS = {
+    "keras": "Keras 3 plain model, Adam",
     "elsa_fit": "elsa_tf.fit (FreezingOptimizer + LevelScheduler)",
-    "tf_keras": "tf_keras, plain model, Adam",
+    "tf_keras": "tf_keras plain model, Adam",
     "tfmot": "tfmot prune_low_magnitude + UpdatePruningStep",
-    "elsa_wrappers": "embedded, plain Adam, no scheduler",
-    "elsa_freezing": "embedded, FreezingOptimizer, no scheduler",
-    "elsa_scheduler": "embedded, FreezingOptimizer + LevelScheduler in model.fit",
 }
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("archs", list(_ARCHS), "Architectures to measure: cnn, mlp.")
+flags.DEFINE_list("archs", list(ARCHS), "Architectures to measure: cnn, mlp.")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer(
-    "steps_per_epoch", 25, "Steps per epoch; the data hold exactly this many batches."
+    "steps_per_epoch", 40, "Steps per epoch; the random data hold this many batches."
 )
 flags.DEFINE_integer("epochs_per_level", 2, "Epochs per ELSA level.")
 flags.DEFINE_list("sparsities", ["0.9", "0.5", "0.0"], "ELSA level sparsities.")
 flags.DEFINE_integer(
-    "repeats", 2, "Interleaved repeats of every configuration; step times are pooled."
+    "repeats", 4, "Repeats of every configuration, in rotated order; steps are pooled."
 )
-flags.DEFINE_bool("profile", True, "Also time the overhead breakdown configurations.")
+flags.DEFINE_bool("profile", True, "Also run the step-interleaved profile.")
+flags.DEFINE_integer("rounds", 60, "Measured rounds of the step-interleaved profile.")
 flags.DEFINE_bool("memory", True, "Also measure peak memory in fresh processes.")
 flags.DEFINE_integer("seed", 0, "Seed for the data and the models.")
 flags.DEFINE_string("out", None, "Where to write the results as JSON.")
 
 
-# -- models and data ------------------------------------------------------------
+# -- models and data -------------------------------------------------------------------
 
 
 def _layers(keras_module, arch):
-    """The benchmark architecture as a list of layers of `keras_module`."""
+    """The benchmark architecture as layers of `keras_module` (Keras 3 or 2)."""
     L = keras_module.layers
     if arch == "cnn":
         return [
@@ -97,13 +112,11 @@ def _layers(keras_module, arch):
             L.Flatten(),
             L.Dense(10, name="logits"),
         ]
-    if arch == "mlp":
-        return [
-            L.Dense(300, activation="relu", name="fc1"),
-            L.Dense(100, activation="relu", name="fc2"),
-            L.Dense(10, name="logits"),
-        ]
-    raise ValueError(f"arch must be one of {_ARCHS}. Received: arch={arch!r}")
+    return [
+        L.Dense(300, activation="relu", name="fc1"),
+        L.Dense(100, activation="relu", name="fc2"),
+        L.Dense(10, name="logits"),
+    ]
 
 
 def _input_shape(arch):
@@ -121,121 +134,140 @@ def _build(keras_module, arch, seed):
 def _data(arch, n, seed):
     rng = np.random.default_rng(seed)
     x = rng.random((n, *_input_shape(arch)), dtype=np.float32)
-    y = rng.integers(0, 10, size=n)
-    return x, y
+    return x, rng.integers(0, 10, size=n)
 
 
-# -- timing -----------------------------------------------------------------------
+def _schedule_steps(steps):
+    """(begin, end, frequency) of elsa_tf's default schedule over `steps`."""
+    import elsa_tf
+
+    return elsa_tf.LevelSchedule().steps(steps)
 
 
-class _StepTimerMixin:
-    """Records `perf_counter` at every batch end, across one or more `fit` calls."""
+# -- timing ----------------------------------------------------------------------------
+
+
+class _PhaseTimerMixin:
+    """Timestamps every training phase it sees, across one or more `fit` calls.
+
+    Appended last, its `on_train_batch_begin` runs after every other
+    callback's, so a step splits into the callbacks run before it (the
+    scheduler's mask update) and the train function itself.
+    """
 
     def _init_timer(self):
-        self.records = []  # (fit call, global epoch, perf_counter)
+        self.events = []  # (kind, fit call, global epoch, batch, wall s, cpu s)
         self._call = -1
         self._epoch = -1
 
+    def _log(self, kind, batch=-1):
+        self.events.append(
+            (
+                kind,
+                self._call,
+                self._epoch,
+                batch,
+                time.perf_counter(),
+                time.process_time(),
+            )
+        )
+
     def on_train_begin(self, logs=None):
         self._call += 1
+        self._log("train_begin")
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch += 1
+        self._log("epoch_begin")
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._log("batch_begin", batch)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.records.append((self._call, self._epoch, time.perf_counter()))
+        self._log("batch_end", batch)
 
-    def step_times(self, warmup_epochs: int = 1):
-        """Step durations in ms with the global epoch of each, after warm-up."""
-        times, epochs = [], []
-        for (c0, _, t0), (c1, e1, t1) in zip(self.records, self.records[1:]):
-            if c0 == c1 and e1 >= warmup_epochs:
-                times.append((t1 - t0) * 1e3)
-                epochs.append(e1)
-        return np.asarray(times), np.asarray(epochs)
+    def on_epoch_end(self, epoch, logs=None):
+        self._log("epoch_end")
+
+    def steps(self, warmup_epochs=1):
+        """Measured steps, as arrays keyed by epoch, batch, wall, cpu, before, fn.
+
+        A step runs from the previous batch end to its own batch end, in the
+        same `fit` call; `before` is its part up to its own batch begin and
+        `fn` the rest (ms).
+        """
+        rows = []
+        last_end = None
+        begin = None
+        for kind, _, epoch, batch, wall, cpu in self.events:
+            if kind == "train_begin":
+                last_end = None
+            elif kind == "batch_begin":
+                begin = wall
+            elif kind == "batch_end":
+                if last_end is not None and epoch >= warmup_epochs:
+                    w0, c0 = last_end
+                    rows.append(
+                        (
+                            epoch,
+                            batch,
+                            (wall - w0) * 1e3,
+                            (cpu - c0) * 1e3,
+                            (begin - w0) * 1e3,
+                            (wall - begin) * 1e3,
+                        )
+                    )
+                last_end = (wall, cpu)
+        keys = ("epoch", "batch", "wall", "cpu", "before", "fn")
+        return {k: np.asarray(c) for k, c in zip(keys, zip(*rows))}
+
+    def fit_call_phases(self):
+        """Per `fit` call: ms from train begin to the first epoch begin, of
+        the first step's train function (tracing included), and from the last
+        batch end to the last epoch end."""
+        out = []
+        for call in sorted({e[1] for e in self.events}):
+            ev = [e for e in self.events if e[1] == call]
+            t = {}
+            for kind, _, _, _, wall, _ in ev:
+                t.setdefault(kind, wall)
+            last_batch_end = max(e[4] for e in ev if e[0] == "batch_end")
+            last_epoch_end = max(e[4] for e in ev if e[0] == "epoch_end")
+            out.append(
+                {
+                    "start_ms": (t["epoch_begin"] - t["train_begin"]) * 1e3,
+                    "first_step_ms": (t["batch_end"] - t["batch_begin"]) * 1e3,
+                    "end_ms": (last_epoch_end - last_batch_end) * 1e3,
+                }
+            )
+        return out
 
 
 def _timer(callback_base):
-    cls = type("StepTimer", (_StepTimerMixin, callback_base), {})
-    timer = cls()
+    timer = type("PhaseTimer", (_PhaseTimerMixin, callback_base), {})()
     timer._init_timer()
     return timer
 
 
-def _timed_level_scheduler(**kwargs):
-    """A `LevelScheduler` that also times its own hooks."""
-    import elsa_tf
-
-    class TimedLevelScheduler(elsa_tf.LevelScheduler):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.hook_ms = {"on_train_batch_begin": [], "on_epoch_begin": [],
-                            "on_epoch_end": []}
-
-        def _timed(self, name, fn, *args):
-            t0 = time.perf_counter()
-            fn(*args)
-            self.hook_ms[name].append((time.perf_counter() - t0) * 1e3)
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self._timed("on_train_batch_begin", super().on_train_batch_begin, batch)
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._timed("on_epoch_begin", super().on_epoch_begin, epoch)
-
-        def on_epoch_end(self, epoch, logs=None):
-            self._timed("on_epoch_end", super().on_epoch_end, epoch)
-
-    return TimedLevelScheduler(**kwargs)
-
-
-def _prune_steps(steps_per_level):
-    """Steps of a level at which the default `LevelSchedule` updates the masks."""
-    import elsa_tf
-
-    begin, end, frequency = elsa_tf.LevelSchedule().steps(steps_per_level)
-    return set(range(begin, end + 1, frequency))
-
-
-# -- one training run per configuration ----------------------------------------------
+# -- one training run ------------------------------------------------------------------
 
 
 def _train(config, arch, x, y, *, batch_size, epochs_per_level, sparsities, seed):
-    """Trains one configuration; returns the timer, wall time and extras."""
+    """Trains one configuration; returns (timer, wall seconds, extras)."""
     num_epochs = epochs_per_level * len(sparsities)
-    steps = len(x) // batch_size
     fit_kwargs = dict(batch_size=batch_size, verbose=0, shuffle=False)
-    extra = {}
     if config in ("tf_keras", "tfmot"):
-        import tf_keras
-
-        model = _build(tf_keras, arch, seed)
-        timer = _timer(tf_keras.callbacks.Callback)
-        callbacks = [timer]
-        if config == "tfmot":
-            import tensorflow_model_optimization as tfmot
-
-            # The same ramp as one ELSA level, stretched over the whole run so
-            # that masks keep changing while steps are measured.
-            begin, end, frequency = _level_schedule_steps(num_epochs * steps)
-            model = tfmot.sparsity.keras.prune_low_magnitude(
-                model,
-                pruning_schedule=tfmot.sparsity.keras.PolynomialDecay(
-                    initial_sparsity=0.0,
-                    final_sparsity=max(sparsities),
-                    begin_step=begin,
-                    end_step=end,
-                    frequency=frequency,
-                ),
-            )
-            callbacks = [tfmot.sparsity.keras.UpdatePruningStep(), timer]
-        model.compile(
-            optimizer=tf_keras.optimizers.Adam(1e-3),
-            loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        return _train_tf_keras(
+            config,
+            arch,
+            x,
+            y,
+            num_epochs,
+            epochs_per_level,
+            fit_kwargs,
+            seed,
+            max(sparsities),
         )
-        t0 = time.perf_counter()
-        model.fit(x, y, epochs=num_epochs, callbacks=callbacks, **fit_kwargs)
-        return timer, time.perf_counter() - t0, extra
 
     import keras
 
@@ -244,6 +276,7 @@ def _train(config, arch, x, y, *, batch_size, epochs_per_level, sparsities, seed
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model = _build(keras, arch, seed)
     timer = _timer(keras.callbacks.Callback)
+    extra = {}
     if config == "keras":
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
         t0 = time.perf_counter()
@@ -254,8 +287,13 @@ def _train(config, arch, x, y, *, batch_size, epochs_per_level, sparsities, seed
     if config == "elsa_fit":
         t0 = time.perf_counter()
         elsa_tf.fit(
-            model, x, y, epochs_per_level=epochs_per_level,
-            optimizer=keras.optimizers.Adam(1e-3), loss=loss, callbacks=[timer],
+            model,
+            x,
+            y,
+            epochs_per_level=epochs_per_level,
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=loss,
+            callbacks=[timer],
             **fit_kwargs,
         )
         wall = time.perf_counter() - t0
@@ -264,35 +302,165 @@ def _train(config, arch, x, y, *, batch_size, epochs_per_level, sparsities, seed
         ]
         return timer, wall, extra
 
+    raise ValueError(f"Unknown configuration {config!r}")
+
+
+def _train_tf_keras(
+    config, arch, x, y, num_epochs, epochs_per_level, fit_kwargs, seed, sparsity
+):
+    import tf_keras
+
+    model = _build(tf_keras, arch, seed)
+    timer = _timer(tf_keras.callbacks.Callback)
     callbacks = [timer]
-    if config == "elsa_wrappers":
-        optimizer = keras.optimizers.Adam(1e-3)
-    else:
-        optimizer = elsa_tf.FreezingOptimizer(keras.optimizers.Adam(1e-3))
-    model.compile(optimizer=optimizer, loss=loss)
-    scheduler = None
-    if config == "elsa_scheduler":
-        # Built eagerly on purpose: built lazily inside the first traced step,
-        # FreezingOptimizer records uninitialized slots and its reset() at the
-        # start of level 1 fails (see the report). elsa_tf.fit is unaffected.
-        model.optimizer.build(model.trainable_variables)
-        scheduler = _timed_level_scheduler(epochs_per_level=epochs_per_level)
-        callbacks = [scheduler, timer]
+    extra = {}
+    if config == "tfmot":
+        import tensorflow_model_optimization as tfmot
+
+        steps_per_epoch = len(x) // fit_kwargs["batch_size"]
+        # One ramp over the run, updating masks as often as an ELSA level does.
+        _, _, frequency = _schedule_steps(epochs_per_level * steps_per_epoch)
+        begin, end, _ = _schedule_steps(num_epochs * steps_per_epoch)
+        end = begin + (end - begin) // frequency * frequency
+        model = tfmot.sparsity.keras.prune_low_magnitude(
+            model,
+            pruning_schedule=tfmot.sparsity.keras.PolynomialDecay(
+                initial_sparsity=0.0,
+                final_sparsity=sparsity,
+                begin_step=begin,
+                end_step=end,
+                frequency=frequency,
+            ),
+        )
+        callbacks = [tfmot.sparsity.keras.UpdatePruningStep(), timer]
+        extra["tfmot_schedule"] = (begin, end, frequency)
+    model.compile(
+        optimizer=tf_keras.optimizers.Adam(1e-3),
+        loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     t0 = time.perf_counter()
     model.fit(x, y, epochs=num_epochs, callbacks=callbacks, **fit_kwargs)
-    wall = time.perf_counter() - t0
-    if scheduler is not None:
-        extra["hook_ms"] = scheduler.hook_ms
-    return timer, wall, extra
+    return timer, time.perf_counter() - t0, extra
 
 
-def _level_schedule_steps(total_steps):
+def _mask_update_steps(config, steps, extra, steps_per_epoch, epochs_per_level):
+    """Boolean array: which measured steps ran a mask update."""
+    if config == "elsa_fit":
+        begin, end, frequency = _schedule_steps(epochs_per_level * steps_per_epoch)
+        step = (steps["epoch"] % epochs_per_level) * steps_per_epoch + steps["batch"]
+    elif config == "tfmot":
+        begin, end, frequency = extra["tfmot_schedule"]
+        step = steps["epoch"] * steps_per_epoch + steps["batch"]
+    else:
+        return np.zeros(len(steps["batch"]), bool)
+    return (step >= begin) & (step <= end) & ((step - begin) % frequency == 0)
+
+
+# -- profile: where an embedded step's time goes ---------------------------------------
+
+
+def _profile_models(arch, x, y, batch_size, sparsities, seed):
+    """The models the step-interleaved profile compares, compiled, by name."""
+    import keras
+
     import elsa_tf
 
-    return elsa_tf.LevelSchedule().steps(total_steps)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def adam():
+        return keras.optimizers.Adam(1e-3)
+
+    def embedded(shared="freeze", level=0):
+        model = elsa_tf.embed(
+            _build(keras, arch, seed), sparsities=list(sparsities), shared=shared
+        )
+        if level:
+            # Finish the earlier levels on two batches, through the public API.
+            elsa_tf.fit(
+                model,
+                x[: 2 * batch_size],
+                y[: 2 * batch_size],
+                levels=list(range(level)),
+                epochs_per_level=1,
+                optimizer=adam(),
+                loss=loss,
+                batch_size=batch_size,
+                verbose=0,
+            )
+        return model
+
+    models = {}
+    models["keras"] = _build(keras, arch, seed)
+    models["keras"].compile(optimizer=adam(), loss=loss)
+    models["wrappers"] = embedded()
+    models["wrappers"].compile(optimizer=adam(), loss=loss)
+    for name, shared, level in (
+        ("freezing_l0", "freeze", 0),
+        ("freezing_l1", "freeze", 1),
+        ("per_level_l1", "per_level", 1),
+    ):
+        models[name] = embedded(shared, level)
+        models[name].compile(optimizer=elsa_tf.FreezingOptimizer(adam()), loss=loss)
+    bn = keras.layers.BatchNormalization
+    if any(isinstance(layer, bn) for layer in models["keras"].layers):
+        # What level >= 1 of shared="freeze" does to normalization layers.
+        models["keras_bn_frozen"] = _build(keras, arch, seed)
+        for layer in models["keras_bn_frozen"].layers:
+            if isinstance(layer, bn):
+                layer.trainable = False
+        models["keras_bn_frozen"].compile(optimizer=adam(), loss=loss)
+    return models
+
+
+PROFILE_LABELS = {
+    "keras": "Keras 3 plain model, Adam",
+    "wrappers": "embedded, plain Adam (wrappers only), level 0",
+    "freezing_l0": "embedded, FreezingOptimizer, level 0",
+    "freezing_l1": "embedded shared=freeze, FreezingOptimizer, level 1",
+    "per_level_l1": "embedded shared=per_level, FreezingOptimizer, level 1",
+    "keras_bn_frozen": "Keras 3 plain model, BatchNormalization frozen",
+}
+
+
+def _interleaved_profile(
+    arch, x, y, *, batch_size, sparsities, seed, rounds, warmup=10
+):
+    """Round-robin `train_on_batch` over the models: one step of each per round.
+
+    Every model sees the same machine state within a round, so the per-round
+    ratios cancel the drift and contention that dominate separate runs.
+    """
+    models = _profile_models(arch, x, y, batch_size, sparsities, seed)
+    xb, yb = x[:batch_size], y[:batch_size]
+    times = {name: [] for name in models}
+    for r in range(warmup + rounds):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model.train_on_batch(xb, yb)  # returns numpy logs: the step has finished
+            if r >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    base = np.asarray(times["keras"])
+    return {
+        name: {
+            "median_ms": float(np.median(t)),
+            "ratio": float(np.median(t) / np.median(base)),
+            "paired_ratio": float(np.median(np.asarray(t) / base)),
+        }
+        for name, t in times.items()
+    }
 
 
 # -- memory: one fresh process per configuration ---------------------------------------
+
+
+def _proc_status_mib(key):
+    """A `/proc/self/status` figure in MiB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) / 1024 if match else None
 
 
 def _max_rss_mib():
@@ -301,20 +469,36 @@ def _max_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def _memory_worker(config, arch, kwargs):
-    """Runs in a fresh process: peak RSS after imports and after training."""
-    import keras  # noqa: F401  (imported before the baseline is taken)
+def _reset_peak_rss():
+    """Resets VmHWM to the current RSS (Linux); returns whether it could."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_worker(config, arch, steps_per_epoch, train_kwargs):
+    """Runs in a fresh process: peak memory of one training run."""
+    import keras  # noqa: F401  (imports are in the baseline, not the training)
     import tensorflow  # noqa: F401
 
     import elsa_tf  # noqa: F401
 
-    x, y = _data(arch, kwargs["steps_per_epoch"] * kwargs["batch_size"], kwargs["seed"])
-    before = _max_rss_mib()
-    kwargs = {k: v for k, v in kwargs.items() if k != "steps_per_epoch"}
-    _train(config, arch, x, y, **kwargs)
+    x, y = _data(
+        arch, steps_per_epoch * train_kwargs["batch_size"], train_kwargs["seed"]
+    )
+    rss_before = _proc_status_mib("VmRSS")
+    reset = _reset_peak_rss()
+    _train(config, arch, x, y, **train_kwargs)
+    hwm = _proc_status_mib("VmHWM")
     return {
-        "after_imports_mib": before,
-        "peak_mib": _max_rss_mib(),
+        "ru_maxrss_mib": _max_rss_mib(),
+        "vm_hwm_mib": hwm,
+        "rss_before_training_mib": rss_before,
+        # Peak during training above the RSS just before it.
+        "training_peak_added_mib": hwm - rss_before if reset and hwm else None,
         "imported_tfmot": "tensorflow_model_optimization" in sys.modules,
     }
 
@@ -324,11 +508,16 @@ def _tfmot_import_worker():
     import keras  # noqa: F401
     import tensorflow  # noqa: F401
 
-    before = _max_rss_mib()
+    before = _proc_status_mib("VmRSS")
     t0 = time.perf_counter()
     import tensorflow_model_optimization  # noqa: F401
 
-    return {"import_s": time.perf_counter() - t0, "added_mib": _max_rss_mib() - before}
+    seconds = time.perf_counter() - t0
+    after = _proc_status_mib("VmRSS")
+    return {
+        "import_s": seconds,
+        "added_rss_mib": None if before is None else after - before,
+    }
 
 
 def _in_fresh_process(fn, *args):
@@ -337,26 +526,107 @@ def _in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-# -- the benchmark -----------------------------------------------------------------------
+def _memory(arch, steps_per_epoch, train_kwargs):
+    out = {
+        config: _in_fresh_process(
+            _memory_worker, config, arch, steps_per_epoch, train_kwargs
+        )
+        for config in ("keras", "elsa_fit")
+    }
+    plain, elsa = out["keras"], out["elsa_fit"]
+    out["ru_maxrss_ratio"] = elsa["ru_maxrss_mib"] / plain["ru_maxrss_mib"]
+    if plain["training_peak_added_mib"] and elsa["training_peak_added_mib"]:
+        out["training_peak_added_ratio"] = (
+            elsa["training_peak_added_mib"] / plain["training_peak_added_mib"]
+        )
+    return out
 
 
-def _stats(times):
+# -- the benchmark ---------------------------------------------------------------------
+
+
+def _summarize(runs, config, steps_per_epoch, epochs_per_level, num_levels):
+    """Pools the measured steps of a configuration's repeats into statistics."""
+    cols = {k: [] for k in ("wall", "cpu", "before", "fn", "update", "start", "level")}
+    for timer, _, extra in runs:
+        s = timer.steps()
+        for k in ("wall", "cpu", "before", "fn"):
+            cols[k].append(s[k])
+        cols["update"].append(
+            _mask_update_steps(config, s, extra, steps_per_epoch, epochs_per_level)
+        )
+        cols["start"].append(np.diff(s["epoch"], prepend=s["epoch"][0] - 1) != 0)
+        cols["level"].append(s["epoch"] // epochs_per_level)
+    c = {k: np.concatenate(v) for k, v in cols.items()}
+    inside, update, quiet = ~c["start"], c["update"], ~c["update"] & ~c["start"]
+    phases = [p for timer, _, _ in runs for p in timer.fit_call_phases()]
     return {
-        "median_ms": float(np.median(times)),
-        "mean_ms": float(np.mean(times)),
-        "steps": int(len(times)),
+        "steps": int(len(c["wall"])),
+        "mask_update_steps": int(update.sum()),
+        "median_ms": float(np.median(c["wall"])),
+        "median_cpu_ms": float(np.median(c["cpu"])),
+        "mean_ms": float(np.mean(c["wall"][inside])),
+        "mean_cpu_ms": float(np.mean(c["cpu"][inside])),
+        "per_repeat_median_ms": [
+            float(np.median(t.steps()["wall"])) for t, _, _ in runs
+        ],
+        "per_level_median_ms": [
+            float(np.median(c["wall"][c["level"] == k]))
+            if (c["level"] == k).any()
+            else None
+            for k in range(num_levels)
+        ],
+        # Where a step's time goes.
+        "median_no_update_ms": float(np.median(c["wall"][quiet])),
+        "median_fn_no_update_ms": float(np.median(c["fn"][quiet])),
+        "mean_before_no_update_ms": float(np.mean(c["before"][quiet])),
+        "mean_before_update_ms": (
+            float(np.mean(c["before"][update])) if update.any() else None
+        ),
+        "median_fn_update_ms": float(np.median(c["fn"][update]))
+        if update.any()
+        else None,
+        "mean_before_per_step_ms": float(np.mean(c["before"][inside])),
+        # Per fit call: start, first (traced) step, end; over all repeats.
+        "fit_calls": len(phases) // len(runs),
+        "fit_start_ms": float(np.mean([p["start_ms"] for p in phases])),
+        "first_step_ms": float(np.mean([p["first_step_ms"] for p in phases])),
+        "fit_end_ms": float(np.mean([p["end_ms"] for p in phases])),
+        "wall_s": float(np.median([wall_s for _, wall_s, _ in runs])),
     }
 
 
+_RATIO_KEYS = (
+    "median_ms",
+    "median_cpu_ms",
+    "mean_ms",
+    "mean_cpu_ms",
+    "median_no_update_ms",
+    "median_fn_no_update_ms",
+    "wall_s",
+)
+
+
+def _ratios(stats):
+    out = {}
+    for config, s in stats.items():
+        base = stats[BASELINE.get(config, "keras")]
+        out[config] = {k: s[k] / base[k] for k in _RATIO_KEYS}
+        pairs = zip(s["per_repeat_median_ms"], base["per_repeat_median_ms"])
+        out[config]["per_repeat_median_ratio"] = [a / b for a, b in pairs]
+    return out
+
+
 def run(
-    archs=_ARCHS,
+    archs=ARCHS,
     *,
     batch_size: int = 128,
-    steps_per_epoch: int = 25,
+    steps_per_epoch: int = 40,
     epochs_per_level: int = 2,
     sparsities=(0.9, 0.5, 0.0),
-    repeats: int = 2,
+    repeats: int = 3,
     profile: bool = True,
+    rounds: int = 60,
     memory: bool = True,
     seed: int = 0,
 ) -> dict:
@@ -369,19 +639,25 @@ def run(
         epochs_per_level: epochs per ELSA level; every configuration trains for
             `epochs_per_level * len(sparsities)` epochs.
         sparsities: the ELSA levels.
-        repeats: interleaved repeats of every configuration, pooled.
-        profile: also time the configurations that break the overhead down.
+        repeats: repeats of every configuration, in a rotated order each time
+            (this machine's run-to-run noise is larger than the effects).
+        profile: also run the step-interleaved profile of the embedded model's
+            parts.
+        rounds: measured rounds of the step-interleaved profile.
         memory: also measure peak memory, each configuration in a fresh process.
         seed: seed for data and models.
 
     Returns:
-        A JSON-serializable dict: the configuration, and per architecture the
-        step statistics of every configuration, the ratios, the scheduler's
-        hook times and the memory figures.
+        A JSON-serializable dict: the configuration and, per architecture, the
+        step statistics of every configuration, their ratios to the baseline
+        and the memory figures.
+
+    Raises:
+        ValueError: for an unknown architecture.
     """
-    for arch in archs:
-        if arch not in _ARCHS:
-            raise ValueError(f"archs must be among {_ARCHS}. Received: archs={archs!r}")
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise ValueError(f"archs must be among {ARCHS}. Received: archs={list(archs)}")
     sparsities = tuple(float(s) for s in sparsities)
     train_kwargs = dict(
         batch_size=batch_size,
@@ -389,202 +665,176 @@ def run(
         sparsities=sparsities,
         seed=seed,
     )
-    configs = _MAIN + (_PROFILE if profile else ())
-    steps_per_level = epochs_per_level * steps_per_epoch
-    prune_steps = _prune_steps(steps_per_level)
     results = {
         "config": {
-            "archs": list(archs), "steps_per_epoch": steps_per_epoch,
-            "repeats": repeats, "profile": profile, "memory": memory,
-            **train_kwargs, "sparsities": list(sparsities),
-            "mask_updates_per_level": len(prune_steps),
+            "archs": list(archs),
+            "steps_per_epoch": steps_per_epoch,
+            "repeats": repeats,
+            "profile": profile,
+            "rounds": rounds,
+            "memory": memory,
+            **train_kwargs,
+            "sparsities": list(sparsities),
+            "cpu_count": os.cpu_count(),
         },
-        "archs": {},
+        "archs": {arch: {} for arch in archs},
     }
+    # Memory first: a spawned child's ru_maxrss starts at its parent's RSS,
+    # which stays small until this process imports TensorFlow below.
+    if memory:
+        for arch in archs:
+            results["archs"][arch]["memory"] = _memory(
+                arch, steps_per_epoch, train_kwargs
+            )
+        results["tfmot_import"] = _in_fresh_process(_tfmot_import_worker)
+    begin, end, frequency = _schedule_steps(epochs_per_level * steps_per_epoch)
+    results["config"]["mask_updates_per_level"] = len(range(begin, end + 1, frequency))
+    configs = MAIN_CONFIGS
     for arch in archs:
         x, y = _data(arch, steps_per_epoch * batch_size, seed)
-        pooled = {c: [] for c in configs}
-        per_level = {c: [[] for _ in sparsities] for c in configs}
-        boundary = {c: [] for c in configs}
-        walls = {c: [] for c in configs}
-        extras = {}
-        for _ in range(repeats):
-            for config in configs:
-                timer, wall, extra = _train(config, arch, x, y, **train_kwargs)
-                times, epochs = timer.step_times()
-                pooled[config].extend(times)
-                walls[config].append(wall)
-                for t, e in zip(times, epochs):
-                    per_level[config][e // epochs_per_level].append(t)
-                # Steps whose preceding batch end lies in the previous epoch.
-                starts = np.flatnonzero(np.diff(epochs, prepend=epochs[0] - 1) != 0)
-                boundary[config].extend(times[starts])
-                extras.setdefault(config, []).append(extra)
-        stats = {}
-        for config in configs:
-            stats[config] = {
-                **_stats(pooled[config]),
-                "per_level_median_ms": [
-                    float(np.median(v)) if v else None for v in per_level[config]
-                ],
-                "epoch_start_step_ms": float(np.median(boundary[config])),
-                "wall_s": float(np.median(walls[config])),
-            }
-        arch_result = {"steps": stats, "ratios": _ratios(stats, profile)}
-        if "achieved_sparsity" in extras["elsa_fit"][0]:
-            arch_result["achieved_sparsity"] = extras["elsa_fit"][0]["achieved_sparsity"]
-        if profile:
-            arch_result["scheduler_hooks"] = _hook_summary(
-                extras["elsa_scheduler"], steps_per_epoch, epochs_per_level,
-                len(sparsities), prune_steps,
+        runs = {c: [] for c in configs}
+        for r in range(repeats):
+            shift = r % len(configs)
+            for config in configs[shift:] + configs[:shift]:
+                runs[config].append(_train(config, arch, x, y, **train_kwargs))
+        stats = {
+            c: _summarize(
+                runs[c], c, steps_per_epoch, epochs_per_level, len(sparsities)
             )
-        if memory:
-            arch_result["memory"] = _memory(arch, steps_per_epoch, train_kwargs)
-        results["archs"][arch] = arch_result
-    if memory:
-        results["tfmot_import"] = _in_fresh_process(_tfmot_import_worker)
+            for c in configs
+        }
+        res = results["archs"][arch]
+        res["steps"] = stats
+        res["ratios"] = _ratios(stats)
+        res["achieved_sparsity"] = runs["elsa_fit"][0][2]["achieved_sparsity"]
+        if profile:
+            res["interleaved_profile"] = _interleaved_profile(
+                arch,
+                x,
+                y,
+                batch_size=batch_size,
+                sparsities=sparsities,
+                seed=seed,
+                rounds=rounds,
+            )
     return results
 
 
-def _ratios(stats, profile):
-    def ratio(a, b, key):
-        return stats[a][key] / stats[b][key]
-
-    out = {}
-    for key, name in (("median_ms", "median"), ("mean_ms", "mean"), ("wall_s", "wall")):
-        out[f"elsa_fit/keras ({name})"] = ratio("elsa_fit", "keras", key)
-        out[f"tfmot/tf_keras ({name})"] = ratio("tfmot", "tf_keras", key)
-        if profile:
-            for config in _PROFILE:
-                out[f"{config}/keras ({name})"] = ratio(config, "keras", key)
-    return out
+# -- printing --------------------------------------------------------------------------
 
 
-def _hook_summary(extras, steps_per_epoch, epochs_per_level, num_levels, prune_steps):
-    """Mean time of the scheduler's hooks, mask-update batches apart from others."""
-    update, other, epoch_begin, level_end, epoch_end = [], [], [], [], []
-    for extra in extras:
-        hooks = extra["hook_ms"]
-        batch_ms = hooks["on_train_batch_begin"]
-        for i, ms in enumerate(batch_ms):
-            step_in_level = i % (steps_per_epoch * epochs_per_level)
-            (update if step_in_level in prune_steps else other).append(ms)
-        for epoch, ms in enumerate(hooks["on_epoch_end"]):
-            ends_level = (epoch + 1) % epochs_per_level == 0
-            (level_end if ends_level else epoch_end).append(ms)
-        epoch_begin.extend(hooks["on_epoch_begin"])
-    total_steps = steps_per_epoch * epochs_per_level * num_levels
-    return {
-        "mask_update_ms": float(np.mean(update)),
-        "mask_updates": len(update) // len(extras),
-        "other_batch_begin_ms": float(np.mean(other)),
-        "level_end_ms": float(np.mean(level_end)),
-        "other_epoch_end_ms": float(np.mean(epoch_end)) if epoch_end else None,
-        "epoch_begin_ms": [float(v) for v in extras[-1]["hook_ms"]["on_epoch_begin"]],
-        "mask_update_ms_per_step": float(np.sum(update)) / len(extras) / total_steps,
-    }
+def _fmt(value, spec=".2f"):
+    return "-" if value is None else format(value, spec)
 
 
-def _memory(arch, steps_per_epoch, train_kwargs):
-    kwargs = dict(train_kwargs, steps_per_epoch=steps_per_epoch)
-    out = {}
-    for config in ("keras", "elsa_fit"):
-        out[config] = _in_fresh_process(_memory_worker, config, arch, kwargs)
-    plain, elsa = out["keras"], out["elsa_fit"]
-    out["peak_ratio"] = elsa["peak_mib"] / plain["peak_mib"]
-    added = {
-        c: out[c]["peak_mib"] - out[c]["after_imports_mib"] for c in ("keras", "elsa_fit")
-    }
-    out["added_by_training_mib"] = added
-    out["added_ratio"] = (
-        added["elsa_fit"] / added["keras"] if added["keras"] > 0 else None
-    )
-    return out
-
-
-# -- printing -------------------------------------------------------------------------
-
-
-def format_table(results) -> str:
-    """Markdown tables of the results."""
+def format_tables(results) -> str:
+    """The results as markdown tables."""
     cfg = results["config"]
     lines = [
         f"Batch {cfg['batch_size']}, {cfg['steps_per_epoch']} steps/epoch, "
         f"{cfg['epochs_per_level']} epochs/level, sparsities {cfg['sparsities']} "
-        f"({cfg['mask_updates_per_level']} mask updates/level), "
-        f"{cfg['repeats']} repeat(s) pooled; first epoch not measured.",
+        f"({cfg['mask_updates_per_level']} mask updates/level), {cfg['repeats']} "
+        f"repeat(s) in rotated order, pooled; {cfg['cpu_count']} CPUs. Each ratio "
+        "is over the plain model of the same Keras (tfmot: tf_keras; the rest: "
+        "Keras 3), measured in this run. Mean: steps inside an epoch only.",
         "",
-        "| arch | configuration | median step ms | mean step ms | per-level median ms "
-        "| epoch-start step ms | wall s | median ratio | mean ratio | wall ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | configuration | median step ms | **ratio** | per-repeat ratios "
+        "| median CPU ms | CPU ratio | mean step ms | mean ratio | wall s "
+        "| wall ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    baseline = {"tfmot": "tf_keras", "tf_keras": "tf_keras"}
-    for arch, res in results["archs"].items():
+    archs = {a: r for a, r in results["archs"].items() if "steps" in r}
+    for arch, res in archs.items():
         for config, s in res["steps"].items():
-            base = res["steps"][baseline.get(config, "keras")]
-            levels = ", ".join("-" if v is None else f"{v:.1f}" for v in s["per_level_median_ms"])
+            r = res["ratios"][config]
+            repeats = ", ".join(f"{v:.2f}" for v in r["per_repeat_median_ratio"])
             lines.append(
-                f"| {arch} | {_LABELS[config]} | {s['median_ms']:.2f} | "
-                f"{s['mean_ms']:.2f} | {levels} | {s['epoch_start_step_ms']:.1f} | "
-                f"{s['wall_s']:.2f} | {s['median_ms'] / base['median_ms']:.3f} | "
-                f"{s['mean_ms'] / base['mean_ms']:.3f} | "
-                f"{s['wall_s'] / base['wall_s']:.3f} |"
+                f"| {arch} | {LABELS[config]} | {s['median_ms']:.2f} | "
+                f"**{r['median_ms']:.3f}** | {repeats} | {s['median_cpu_ms']:.1f} | "
+                f"{r['median_cpu_ms']:.3f} | {s['mean_ms']:.2f} | {r['mean_ms']:.3f} | "
+                f"{s['wall_s']:.1f} | {r['wall_s']:.3f} |"
             )
-    if any("scheduler_hooks" in r for r in results["archs"].values()):
+    lines += [
+        "",
+        "Where the time goes. A step = callbacks before it (mask updates run here) "
+        "+ the train function. No-update steps: no mask update, not first in an "
+        "epoch. Per fit call: start = train begin to first epoch begin; first step "
+        "= its train function, tracing included; end = last batch end to last "
+        "epoch end (level finishing).",
+        "",
+        "| arch | configuration | no-update step ms (ratio) | train fn ms, no-update "
+        "(ratio) | callbacks before step ms: no-update / update | train fn ms, "
+        "update steps | update steps / measured | callbacks ms per step, "
+        "amortized | per-level median ms | fit calls | start ms | first step ms "
+        "| end ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arch, res in archs.items():
+        for config, s in res["steps"].items():
+            r = res["ratios"][config]
+            levels = ", ".join(_fmt(v, ".1f") for v in s["per_level_median_ms"])
+            lines.append(
+                f"| {arch} | {LABELS[config]} | {s['median_no_update_ms']:.2f} "
+                f"({r['median_no_update_ms']:.3f}) | {s['median_fn_no_update_ms']:.2f} "
+                f"({r['median_fn_no_update_ms']:.3f}) | "
+                f"{s['mean_before_no_update_ms']:.3f} / "
+                f"{_fmt(s['mean_before_update_ms'])} | "
+                f"{_fmt(s['median_fn_update_ms'])} | {s['mask_update_steps']} / "
+                f"{s['steps']} | {s['mean_before_per_step_ms']:.2f} | {levels} | "
+                f"{s['fit_calls']} | {s['fit_start_ms']:.0f} | "
+                f"{s['first_step_ms']:.0f} | {s['fit_end_ms']:.0f} |"
+            )
+    profiled = {a: r for a, r in archs.items() if "interleaved_profile" in r}
+    if profiled:
         lines += [
             "",
-            "LevelScheduler hooks (embedded, model.fit), mean ms per call:",
+            f"Step-interleaved profile: one train_on_batch of each model per round, "
+            f"{cfg['rounds']} rounds after 10 of warm-up, same batch. Ratio of "
+            "medians, and median of the per-round ratios (robust to drift).",
             "",
-            "| arch | mask update (on_train_batch_begin) | updates/run | other "
-            "batch_begin | level end (on_epoch_end) | level start (on_epoch_begin) "
-            "| mask updates per step, amortized |",
+            "| arch | model | median ms | ratio | paired ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for arch, res in profiled.items():
+            for name, p in res["interleaved_profile"].items():
+                lines.append(
+                    f"| {arch} | {PROFILE_LABELS[name]} | {p['median_ms']:.2f} | "
+                    f"{p['ratio']:.3f} | **{p['paired_ratio']:.3f}** |"
+                )
+    memory = {a: r["memory"] for a, r in results["archs"].items() if "memory" in r}
+    if memory:
+        lines += [
+            "",
+            "Peak memory of one training run (elsa_tf.fit vs plain model.fit), each "
+            "in a fresh process. ru_maxrss includes the TensorFlow import; "
+            "'training peak' is the peak above the RSS just before training (VmHWM).",
+            "",
+            "| arch | plain ru_maxrss MiB | embedded ru_maxrss MiB | **ratio** "
+            "| plain training peak MiB | embedded training peak MiB | ratio |",
             "|---|---|---|---|---|---|---|",
         ]
-        for arch, res in results["archs"].items():
-            h = res.get("scheduler_hooks")
-            if h is None:
-                continue
-            begins = ", ".join(f"{v:.1f}" for v in h["epoch_begin_ms"])
+        for arch, m in memory.items():
+            p, e = m["keras"], m["elsa_fit"]
             lines.append(
-                f"| {arch} | {h['mask_update_ms']:.2f} | {h['mask_updates']} | "
-                f"{h['other_batch_begin_ms']:.4f} | {h['level_end_ms']:.1f} | "
-                f"{begins} | {h['mask_update_ms_per_step']:.2f} |"
+                f"| {arch} | {p['ru_maxrss_mib']:.0f} | {e['ru_maxrss_mib']:.0f} | "
+                f"**{m['ru_maxrss_ratio']:.3f}** | "
+                f"{_fmt(p['training_peak_added_mib'], '.0f')} | "
+                f"{_fmt(e['training_peak_added_mib'], '.0f')} | "
+                f"{_fmt(m.get('training_peak_added_ratio'))} |"
             )
-    if any("memory" in r for r in results["archs"].values()):
+    if "tfmot_import" in results:
+        t = results["tfmot_import"]
         lines += [
             "",
-            "Peak RSS of a training run, each in a fresh process:",
-            "",
-            "| arch | plain peak MiB | embedded peak MiB | peak ratio | plain added "
-            "by training MiB | embedded added MiB | added ratio | embedded imported tfmot |",
-            "|---|---|---|---|---|---|---|---|",
+            "The embedded run imports tfmot (and with it tf_keras) when its first "
+            f"level starts: that alone adds {_fmt(t['added_rss_mib'], '.0f')} MiB "
+            f"RSS and {t['import_s']:.1f} s to a Keras 3 process.",
         ]
-        for arch, res in results["archs"].items():
-            m = res.get("memory")
-            if m is None:
-                continue
-            added = m["added_by_training_mib"]
-            added_ratio = "-" if m["added_ratio"] is None else f"{m['added_ratio']:.2f}"
-            lines.append(
-                f"| {arch} | {m['keras']['peak_mib']:.0f} | "
-                f"{m['elsa_fit']['peak_mib']:.0f} | {m['peak_ratio']:.3f} | "
-                f"{added['keras']:.0f} | {added['elsa_fit']:.0f} | {added_ratio} | "
-                f"{m['elsa_fit']['imported_tfmot']} |"
-            )
-        if "tfmot_import" in results:
-            t = results["tfmot_import"]
-            lines += [
-                "",
-                f"Importing tfmot into a Keras 3 process (elsa_tf.schedules does, "
-                f"at the first level start): +{t['added_mib']:.0f} MiB peak RSS, "
-                f"{t['import_s']:.1f} s.",
-            ]
-    for arch, res in results["archs"].items():
-        if "achieved_sparsity" in res:
-            lines.append(
-                f"\n{arch}: achieved sparsity per level after elsa_tf.fit: "
-                f"{res['achieved_sparsity']}"
-            )
+    for arch, res in archs.items():
+        lines.append(
+            f"{arch}: achieved sparsity per level after elsa_tf.fit: "
+            f"{res['achieved_sparsity']}."
+        )
     return "\n".join(lines)
 
 
@@ -598,10 +848,11 @@ def main(argv):
         sparsities=[float(s) for s in FLAGS.sparsities],
         repeats=FLAGS.repeats,
         profile=FLAGS.profile,
+        rounds=FLAGS.rounds,
         memory=FLAGS.memory,
         seed=FLAGS.seed,
     )
-    print(format_table(results))
+    print(format_tables(results))
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         with open(FLAGS.out, "w") as f:
