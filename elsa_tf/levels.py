@@ -94,6 +94,19 @@ def masked_weight(weight: tf.Tensor, level_map: tf.Tensor, level) -> tf.Tensor:
     return tf.where(active_mask(level_map, level), weight, tf.zeros_like(weight))
 
 
+def project_update(old, new, level_map, level: int):
+    """An optimizer update of a prunable weight, put back onto the level.
+
+    Frozen entries (levels before `level`) keep `old`, entries of `level`
+    take `new`, and entries no level uses so far stay zero.
+    """
+    current = tf.cast(level, MAP_DTYPE)
+    value = tf.where(tf.equal(level_map, current), new, tf.zeros_like(new))
+    if level > 0:
+        value = tf.where(level_map < current, old, value)
+    return value
+
+
 def magnitude(weight: np.ndarray) -> np.ndarray:
     """Gradual magnitude pruning's score: keep the largest weights."""
     return np.abs(weight)

@@ -55,7 +55,7 @@ def sparsities(model) -> tuple[float, ...]:
 
 def current_level(model) -> int:
     """The level being trained; equals the number of finished levels."""
-    return int(wrappers(model)[0].current_level.numpy())
+    return wrappers(model)[0].current_level
 
 
 def check_level(model, level, name: str = "level") -> int:
@@ -73,7 +73,7 @@ def set_view_level(model, level: int) -> None:
     """Makes every wrapped layer compute with the weights of `level`."""
     check_level(model, level)
     for w in wrappers(model):
-        w.view_level.assign(level)
+        w.set_view_level(level)
 
 
 def _prunable(model):
@@ -95,7 +95,7 @@ def prune_to(model, sparsity, score=levels.magnitude) -> None:
     entries = _prunable(model)
     if not entries:
         return
-    k = int(entries[0][0].current_level.numpy())
+    k = entries[0][0].current_level
     if k >= entries[0][0].num_levels:
         raise ValueError("Every level is finished; there is nothing left to prune.")
     weights = [w.prunable_weights[i] for w, i in entries]
@@ -136,7 +136,7 @@ def finish_level(model) -> int:
         The index of the level just finished.
     """
     ws = wrappers(model)
-    k = int(ws[0].current_level.numpy())
+    k = ws[0].current_level
     prune_to(model, ws[0].sparsities[k])
     for w in ws:
         w.finish_level()

@@ -2,9 +2,9 @@
 
 Masking gradients is not enough: momentum, Adam's moments and decoupled weight
 decay all move a weight whose gradient is zero. So variables frozen whole are
-not passed to the inner optimizer at all, and for variables frozen in part the
-inner optimizer updates everything, then the frozen entries are written back
-from a copy taken just before.
+not passed to the inner optimizer at all, and a prunable weight is projected
+after each update (`ElsaWrapper` docs): frozen entries are written back from a
+copy taken just before, entries the level does not use go back to zero.
 """
 
 from __future__ import annotations
@@ -90,18 +90,19 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
-        updates, partial = [], []
+        updates, projected = [], []
         for g, v in zip(grads, trainable_variables):
-            mask = wrapper_lib.frozen_mask(v)
-            if mask is True:
+            constraint = wrapper_lib.training_constraint(v)
+            if constraint is wrapper_lib.FROZEN:
                 continue
             updates.append((g, v))
-            if mask is not None:
-                partial.append((v, mask, tf.identity(v.value)))
+            if constraint is not None:
+                old = tf.identity(v.value) if constraint.needs_old else None
+                projected.append((v, constraint, old))
         if updates:
             self.inner_optimizer.apply(*map(list, zip(*updates)))
-        for v, mask, old in partial:
-            v.assign(tf.where(mask, old, v.value))
+        for v, project, old in projected:
+            v.assign(project(old, v.value))
 
     @property
     def learning_rate(self):

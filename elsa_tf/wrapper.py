@@ -1,12 +1,19 @@
 """`ElsaWrapper`: the Keras plumbing that puts nested levels into one layer.
 
 The wrapper owns, for each prunable weight of the layer it wraps, a `uint8`
-level map (see `elsa_tf.levels`), and two integer scalars: the level being
+level map (see `elsa_tf.levels`), and a pair of integers: the level being
 trained (`current_level`, also the number of finished levels) and the level
-the layer computes with (`view_level`). In `call`, the wrapped layer runs
+the layer computes with (`view_level`). At inference, the wrapped layer runs
 inside a `keras.StatelessScope` that maps each prunable weight to its masked
 value, so any layer (a `MultiHeadAttention` made of `EinsumDense`s, a user's
 own block) is masked without re-implementing its math.
+
+In training no mask is applied in the forward pass: the weights a level does
+not use are kept at exactly zero in the variables themselves (pruning zeroes
+them and `FreezingOptimizer` projects every update back), so the raw weights
+*are* the current level's weights, and a training step costs what the plain
+model's does plus one projection in the optimizer. Training always runs at the
+level being trained.
 
 Shared weights (everything not prunable: biases, normalization parameters and
 statistics, excluded kernels) are kept as the `shared` option says:
@@ -35,20 +42,39 @@ SHARED_MODES = ("freeze", "per_level")
 SELECTIONS = ("per_layer", "global")
 
 # id(variable) -> (weak wrapper, index into its level maps, or None for a
-# shared weight). The optimizer wrapper only sees variables, so it looks their
-# frozen entries up here.
+# shared weight). The optimizer wrapper only sees variables, so it looks up
+# here how each one may change.
 _OWNERS: dict[int, tuple[weakref.ref, int | None]] = {}
 
+FROZEN = "frozen"
 
-def frozen_mask(variable):
-    """What of `variable` is frozen now.
+
+class Projection:
+    """Maps an optimizer's update of a prunable weight back onto the level.
+
+    `project(old, new)` keeps frozen entries at `old`, the current level's
+    entries at `new`, and every other entry at zero. `old` is only needed once
+    some level is finished (`needs_old`).
+    """
+
+    def __init__(self, level_map, level: int):
+        self.level_map = level_map
+        self.level = level
+        self.needs_old = level > 0
+
+    def __call__(self, old, new):
+        return levels.project_update(old, new, self.level_map.value, self.level)
+
+
+def training_constraint(variable):
+    """How an optimizer step may change `variable`.
 
     Returns:
-        None if nothing is (or the variable is not elsa_tf's), True if all of
-        it is (a shared weight after level 0 under `shared="freeze"`), else a
-        boolean tensor marking the frozen entries. The Python answers are
-        fixed when a train step is traced; `LevelScheduler` retraces after
-        every level.
+        None to update it freely (not elsa_tf's, or not frozen), `FROZEN` to
+        leave it untouched (a shared weight after level 0 under
+        `shared="freeze"`), or a `Projection` for a prunable weight. The
+        answer is fixed when a train step is traced; `LevelScheduler` and
+        `elsa_tf.fit` retrace after every level.
     """
     entry = _OWNERS.get(id(variable))
     wrapper = entry[0]() if entry else None
@@ -56,12 +82,8 @@ def frozen_mask(variable):
         return None
     index = entry[1]
     if index is None:
-        return True if wrapper._shared_frozen else None
-    if wrapper._traced_level == 0:
-        return None  # level 0 freezes nothing: skip the write-back altogether
-    return levels.frozen_mask(
-        wrapper.level_maps[index].value, wrapper.current_level.value
-    )
+        return FROZEN if wrapper._shared_frozen else None
+    return Projection(wrapper.level_maps[index], wrapper._traced_level)
 
 
 def _register(variable, wrapper, index):
@@ -152,19 +174,14 @@ class ElsaWrapper(keras.layers.Wrapper):
                 )
             )
             _register(w, self, i)
-        self.current_level = self.add_weight(
-            shape=(),
+        # [current level, view level] in one variable: one entry less per
+        # layer in the saved file.
+        self.level_state = self.add_weight(
+            shape=(2,),
             initializer="zeros",
             dtype="int32",
             trainable=False,
-            name="current_level",
-        )
-        self.view_level = self.add_weight(
-            shape=(),
-            initializer="zeros",
-            dtype="int32",
-            trainable=False,
-            name="view_level",
+            name="level_state",
         )
         self.banks = []
         for w in self.shared_weights:
@@ -201,14 +218,27 @@ class ElsaWrapper(keras.layers.Wrapper):
         super().load_own_variables(store)
         self.sync_level_state()
 
+    @property
+    def current_level(self) -> int:
+        """The level being trained; equals the number of finished levels."""
+        return int(self.level_state.numpy()[0])
+
+    @property
+    def view_level(self) -> int:
+        """The level the layer computes with at inference."""
+        return int(self.level_state.numpy()[1])
+
+    def set_view_level(self, level: int) -> None:
+        self.level_state.assign([self.current_level, level])
+
     def sync_level_state(self):
         """Re-reads the level from the variables into what tracing uses.
 
-        Whether the shared weights are frozen is decided when a step is
+        How the optimizer treats each weight is decided when a step is
         traced, so callers retrace after a level change (`LevelScheduler`
         does).
         """
-        self._traced_level = int(self.current_level.numpy())
+        self._traced_level = self.current_level
         self._shared_frozen = self.shared == "freeze" and self._traced_level >= 1
 
     # -- forward -------------------------------------------------------------
@@ -217,7 +247,8 @@ class ElsaWrapper(keras.layers.Wrapper):
         """Graph value of shared weight `index` at level `view` (per_level)."""
         bank = self.banks[index]
         working = self.shared_weights[index].value
-        use_working = view >= tf.minimum(self.current_level.value, self.num_levels - 1)
+        current = self.level_state.value[0]
+        use_working = view >= tf.minimum(current, self.num_levels - 1)
         slot = tf.clip_by_value(view, 0, self.num_levels - 2)
         return use_working, tf.where(use_working, working, tf.gather(bank.value, slot))
 
@@ -225,13 +256,17 @@ class ElsaWrapper(keras.layers.Wrapper):
         if self._call_has_training:
             frozen_whole = self._shared_frozen and not self.prunable_weights
             kwargs["training"] = False if frozen_whole else training
-        view = self.view_level.value
-        mapping = [
-            (w, levels.masked_weight(w.value, m.value, view))
-            for w, m in zip(self.prunable_weights, self.level_maps)
-        ]
-        bank_values = {}
-        for i, w in enumerate(self.shared_weights if self.banks else []):
+        mapping, bank_values = [], {}
+        # Training runs at the current level, whose weights the variables
+        # hold as they are; anything else computes at the view level.
+        at_view = training is not True
+        view = self.level_state.value[1]
+        if at_view:
+            mapping = [
+                (w, levels.masked_weight(w.value, m.value, view))
+                for w, m in zip(self.prunable_weights, self.level_maps)
+            ]
+        for i, w in enumerate(self.shared_weights if self.banks and at_view else []):
             use_working, value = self._shared_value(i, view)
             mapping.append((w, value))
             bank_values[id(w)] = (use_working, value)
@@ -279,7 +314,7 @@ class ElsaWrapper(keras.layers.Wrapper):
 
     def finish_level(self):
         """Freezes the current level and opens the next one."""
-        k = int(self.current_level.numpy())
+        k = self.current_level
         if k >= self.num_levels:
             raise ValueError(
                 f"All {self.num_levels} levels of {self.name!r} are finished."
@@ -294,8 +329,7 @@ class ElsaWrapper(keras.layers.Wrapper):
             w.assign(levels.masked_weight(w.value, m.value, k))
             if k + 1 < self.num_levels:
                 m.assign(levels.open_map(m.numpy(), k + 1))
-        self.current_level.assign(k + 1)
-        self.view_level.assign(min(k + 1, self.num_levels - 1))
+        self.level_state.assign([k + 1, min(k + 1, self.num_levels - 1)])
         self.sync_level_state()
 
     def get_config(self):

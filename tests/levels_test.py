@@ -86,3 +86,11 @@ def test_prune_then_open_moves_pruned_weights_to_the_next_level():
 def test_level_counts_are_cumulative():
     m = _map([0, 1, 1, 2, U, U])
     np.testing.assert_array_equal(levels.level_counts(m, 3), [1, 3, 4])
+
+
+def test_project_update_keeps_frozen_takes_current_zeroes_the_rest():
+    m = tf.constant([0, 1, 1, U], tf.uint8)
+    old = tf.constant([1.0, 2.0, 3.0, 4.0])
+    new = tf.constant([9.0, 8.0, 7.0, 6.0])
+    np.testing.assert_array_equal(levels.project_update(old, new, m, 1), [1, 8, 7, 0])
+    np.testing.assert_array_equal(levels.project_update(None, new, m, 0), [9, 0, 0, 0])
