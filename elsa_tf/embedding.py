@@ -109,6 +109,23 @@ def _check_cloneable(model):
         )
 
 
+def _clone(model, clone_function):
+    """`keras.models.clone_model`, recursive, returning an uncompiled model.
+
+    clone_model compiles the clone like its source; a clone's compile
+    settings would carry the source's optimizer (a `FreezingOptimizer` for an
+    extracted level), so the source is presented as uncompiled meanwhile.
+    """
+    compiled = model.compiled
+    model.compiled = False
+    try:
+        return keras.models.clone_model(
+            model, clone_function=clone_function, recursive=True
+        )
+    finally:
+        model.compiled = compiled
+
+
 def embed(
     model: keras.Model,
     sparsities,
@@ -188,7 +205,7 @@ def embed(
             name=f"elsa_{layer.name}",
         )
 
-    embedded = keras.models.clone_model(model, clone_function=wrap, recursive=True)
+    embedded = _clone(model, wrap)
     if not any(w.prunable_weights for w in model_ops.iter_wrappers(embedded)):
         raise ValueError(
             f"Model {model.name!r} has no prunable layers selected by "
@@ -207,8 +224,8 @@ def extract(model: keras.Model, level: int) -> keras.Model:
         level: the level to extract, in [0, number of levels).
 
     Returns:
-        A model with the original architecture and no elsa_tf objects, whose
-        weights unused by `level` are zero. It predicts exactly what the
+        An uncompiled model with the original architecture and no elsa_tf
+        objects, whose weights unused by `level` are zero. It predicts exactly what the
         embedded model predicts at that level.
 
     Raises:
@@ -225,7 +242,7 @@ def extract(model: keras.Model, level: int) -> keras.Model:
         clone.set_weights(layer.effective_weights(level))
         return clone
 
-    return keras.models.clone_model(model, clone_function=unwrap, recursive=True)
+    return _clone(model, unwrap)
 
 
 def set_level(model: keras.Model, level: int) -> None:

@@ -82,6 +82,22 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
     def variables(self):
         return self._variables + self.inner_optimizer.variables
 
+    # Keras saves the tracked inner optimizer's variables on its own; saving
+    # `variables` here too would store the optimizer state twice (Keras 3's
+    # LossScaleOptimizer does).
+    def save_own_variables(self, store):
+        for i, v in enumerate(self._variables):
+            store[str(i)] = keras.ops.convert_to_numpy(v.value)
+
+    def load_own_variables(self, store):
+        if len(store.keys()) != len(self._variables):
+            raise ValueError(
+                f"FreezingOptimizer expected {len(self._variables)} variables, "
+                f"but the saved file has {len(store.keys())}."
+            )
+        for i, v in enumerate(self._variables):
+            v.assign(store[str(i)])
+
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is None:
             trainable_variables = self._trainable_variables

@@ -29,6 +29,18 @@ def cnn_with_bn(num_classes: int = 3) -> keras.Model:
     return keras.Model(inputs, outputs, name="cnn")
 
 
+def digits_cnn() -> keras.Model:
+    """The digits example's CNN (38k kernel weights): a realistic small model."""
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(16, 3, padding="same")(inputs)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+    h = keras.layers.Conv2D(32, 3, padding="same")(h)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+    h = keras.layers.Flatten()(keras.layers.MaxPooling2D()(h))
+    h = keras.layers.Dense(64, activation="relu")(h)
+    return keras.Model(inputs, keras.layers.Dense(10)(h))
+
+
 def mlp(inputs: int = 8, hidden: int = 16, outputs: int = 3) -> keras.Model:
     return keras.Sequential(
         [
