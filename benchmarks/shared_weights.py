@@ -14,12 +14,12 @@ scikit-learn's bundled digits (1,797 8x8 images) need no download.
 
 Commands used (from the repository root, 2 CPU cores, no GPU):
 
-    /work/venv/bin/python benchmarks/shared_weights.py \
+    python benchmarks/shared_weights.py \
         --out=/tmp/elsa_benchmarks/shared_weights.json
 
 A quick smoke run:
 
-    /work/venv/bin/python benchmarks/shared_weights.py --epochs_per_level=1 \
+    python benchmarks/shared_weights.py --epochs_per_level=1 \
         --seeds=0
 """
 

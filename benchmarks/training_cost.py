@@ -37,12 +37,12 @@ figure for per-step overheads.
 
 Commands used (from the repository root, 2 CPU cores, no GPU):
 
-    /work/venv/bin/python benchmarks/training_cost.py \
+    python benchmarks/training_cost.py \
         --out=/tmp/elsa_benchmarks/training_cost.json
 
 A quick smoke run:
 
-    /work/venv/bin/python benchmarks/training_cost.py --archs=mlp \
+    python benchmarks/training_cost.py --archs=mlp \
         --steps_per_epoch=8 --repeats=1 --nomemory
 """
 

@@ -91,7 +91,7 @@ def frozen_mask(level_map: tf.Tensor, current_level) -> tf.Tensor:
 
 def masked_weight(weight: tf.Tensor, level_map: tf.Tensor, level) -> tf.Tensor:
     """The weight as level `level` sees it: unused entries are zero."""
-    return tf.where(active_mask(level_map, level), weight, tf.zeros_like(weight))
+    return tf.where(active_mask(level_map, level), weight, tf.zeros([], weight.dtype))
 
 
 def project_update(old, new, level_map, level: int):
@@ -101,7 +101,8 @@ def project_update(old, new, level_map, level: int):
     take `new`, and entries no level uses so far stay zero.
     """
     current = tf.cast(level, MAP_DTYPE)
-    value = tf.where(tf.equal(level_map, current), new, tf.zeros_like(new))
+    # A scalar zero broadcasts: no zero tensor is allocated every step.
+    value = tf.where(tf.equal(level_map, current), new, tf.zeros([], new.dtype))
     if level > 0:
         value = tf.where(level_map < current, old, value)
     return value
@@ -139,13 +140,14 @@ def select_top(scores: np.ndarray, candidates: np.ndarray, n_keep: int) -> np.nd
         A boolean array of the shape of `scores`.
     """
     flat_candidates = np.asarray(candidates).reshape(-1)
-    n = int(min(max(n_keep, 0), np.count_nonzero(flat_candidates)))
+    index = np.flatnonzero(flat_candidates)
+    n = int(min(max(n_keep, 0), index.size))
     keep = np.zeros(flat_candidates.shape, bool)
-    if n:
-        ranked = np.where(
-            flat_candidates, np.asarray(scores, np.float64).reshape(-1), -np.inf
-        )
-        keep[np.argpartition(-ranked, n - 1)[:n]] = True
+    if n == index.size:
+        keep[index] = True
+    elif n:
+        ranked = np.asarray(scores).reshape(-1)[index]
+        keep[index[np.argpartition(ranked, index.size - n)[index.size - n :]]] = True
     return keep.reshape(np.shape(scores))
 
 

@@ -124,9 +124,12 @@ def prune_to(model, sparsity, score=levels.magnitude) -> None:
     for (w, i), weight, value, level_map, keep in zip(
         entries, weights, values, maps, keeps
     ):
-        new_map = levels.prune_map(level_map, keep.reshape(level_map.shape), k)
-        w.level_maps[i].assign(new_map)
-        weight.assign(np.where(new_map <= k, value, 0).astype(value.dtype))
+        drop = (level_map == k) & ~keep.reshape(level_map.shape)
+        if not drop.any():
+            continue  # early in a ramp most updates keep everything
+        w.level_maps[i].assign(levels.prune_map(level_map, ~drop, k))
+        value[drop] = 0
+        weight.assign(value)
 
 
 def finish_level(model) -> int:

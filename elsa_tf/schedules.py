@@ -8,9 +8,12 @@ imported only when a schedule is built, since importing it pulls in tf_keras.
 
 from __future__ import annotations
 
+import os
+
 import keras
 
 _KINDS = ("polynomial_decay", "constant")
+_LEGACY_KERAS = "TF_USE_LEGACY_KERAS"
 
 
 @keras.saving.register_keras_serializable(package="elsa_tf")
@@ -92,8 +95,7 @@ class LevelSchedule:
             target_sparsity: the level's sparsity, over its prunable weights.
             level_steps: the number of training steps in the level.
         """
-        from tensorflow_model_optimization.sparsity import keras as sparsity
-
+        sparsity = _tfmot_sparsity()
         begin, end, frequency = self.steps(level_steps)
         if self.kind == "constant":
             return sparsity.ConstantSparsity(
@@ -129,6 +131,24 @@ class LevelSchedule:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"LevelSchedule({args})"
+
+
+def _tfmot_sparsity():
+    """tfmot's `sparsity.keras` module, imported without side effects.
+
+    Importing tfmot sets TF_USE_LEGACY_KERAS=1 for the whole process, which
+    would silently turn a user's later `tf.keras` into Keras 2. Its schedules
+    are plain TF ops and need none of that, so the variable is put back.
+    """
+    before = os.environ.get(_LEGACY_KERAS)
+    try:
+        from tensorflow_model_optimization.sparsity import keras as sparsity
+    finally:
+        if before is None:
+            os.environ.pop(_LEGACY_KERAS, None)
+        else:
+            os.environ[_LEGACY_KERAS] = before
+    return sparsity
 
 
 def get(identifier) -> LevelSchedule:

@@ -1,6 +1,8 @@
 """get_config / from_config round trips, saving, loading and storage cost."""
 
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -68,6 +70,21 @@ def test_schedule_reaches_the_target_on_an_aligned_step():
     tfmot_schedule = schedule.build(0.8, 103)
     should_prune, sparsity = tfmot_schedule(end)
     assert bool(should_prune) and abs(float(sparsity) - 0.8) < 1e-6
+
+
+def test_building_a_schedule_leaves_tf_keras_alone():
+    # tfmot sets TF_USE_LEGACY_KERAS on its first import: check in a fresh process.
+    code = (
+        "import os, elsa_tf; elsa_tf.LevelSchedule().build(0.5, 100); "
+        "import tensorflow_model_optimization; "
+        "print(os.environ.get('TF_USE_LEGACY_KERAS'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "None"
 
 
 def test_optimizer_config_round_trip_keeps_every_argument():
