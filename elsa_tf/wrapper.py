@@ -8,12 +8,13 @@ inside a `keras.StatelessScope` that maps each prunable weight to its masked
 value, so any layer (a `MultiHeadAttention` made of `EinsumDense`s, a user's
 own block) is masked without re-implementing its math.
 
-In training no mask is applied in the forward pass: the weights a level does
-not use are kept at exactly zero in the variables themselves (pruning zeroes
-them and `FreezingOptimizer` projects every update back), so the raw weights
-*are* the current level's weights, and a training step costs what the plain
-model's does plus one projection in the optimizer. Training always runs at the
-level being trained.
+While `LevelScheduler` trains (as in `elsa_tf.fit`), no mask is applied in
+the forward pass: the weights a level does not use are kept at exactly zero in
+the variables themselves (pruning zeroes them and `FreezingOptimizer` projects
+every update back), so the raw weights *are* the current level's weights, and
+a training step costs what the plain model's does plus one projection in the
+optimizer. Training always runs at the level being trained. Outside the
+scheduler, training masks like inference does, whatever the optimizer.
 
 Shared weights (everything not prunable: biases, normalization parameters and
 statistics, excluded kernels) are kept as the `shared` option says:
@@ -199,6 +200,7 @@ class ElsaWrapper(keras.layers.Wrapper):
                 )
         self._shared_frozen = False
         self._traced_level = 0
+        self._train_raw = False  # set by LevelScheduler while it trains
         self._state_created = True
         self.built = True
 
@@ -257,9 +259,10 @@ class ElsaWrapper(keras.layers.Wrapper):
             frozen_whole = self._shared_frozen and not self.prunable_weights
             kwargs["training"] = False if frozen_whole else training
         mapping, bank_values = [], {}
-        # Training runs at the current level, whose weights the variables
-        # hold as they are; anything else computes at the view level.
-        at_view = training is not True
+        # Under LevelScheduler (whose FreezingOptimizer keeps unused weights at
+        # zero), training runs on the variables as they are: they hold the
+        # current level exactly. Anything else computes at the view level.
+        at_view = not (training is True and self._train_raw)
         view = self.level_state.value[1]
         if at_view:
             mapping = [

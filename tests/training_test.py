@@ -286,3 +286,17 @@ def test_freezing_optimizer_reset_restores_a_fresh_state():
 def test_freezing_optimizer_rejects_non_optimizers():
     with pytest.raises(TypeError, match="inner_optimizer='adam'"):
         elsa_tf.FreezingOptimizer("adam")
+
+
+def test_training_without_the_scheduler_still_trains_at_the_level():
+    # A plain optimizer moves pruned weights; training must still mask them,
+    # so that training-mode and inference-mode outputs agree.
+    x, y = vector_data()
+    model = elsa_tf.embed(mlp(), [0.8, 0.0])
+    model_ops.prune_to(model, 0.8)
+    model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9), loss=LOSS)
+    model.fit(x, y, epochs=2, verbose=0)
+    np.testing.assert_allclose(
+        model(x, training=True), model(x, training=False), atol=1e-6
+    )
+    assert elsa_tf.summary(model)[0]["achieved_sparsity"] >= 0.795
