@@ -401,6 +401,8 @@ def _profile_models(arch, x, y, batch_size, sparsities, seed):
     ):
         models[name] = embedded(shared, level)
         models[name].compile(optimizer=elsa_tf.FreezingOptimizer(adam()), loss=loss)
+        # Train on the raw weights, as under LevelScheduler (elsa_tf.fit).
+        elsa_tf.model_ops.set_raw_training(models[name], True)
     bn = keras.layers.BatchNormalization
     if any(isinstance(layer, bn) for layer in models["keras"].layers):
         # What level >= 1 of shared="freeze" does to normalization layers.
@@ -414,7 +416,7 @@ def _profile_models(arch, x, y, batch_size, sparsities, seed):
 
 PROFILE_LABELS = {
     "keras": "Keras 3 plain model, Adam",
-    "wrappers": "embedded, plain Adam (wrappers only), level 0",
+    "wrappers": "embedded, plain Adam (masked training, no scheduler), level 0",
     "freezing_l0": "embedded, FreezingOptimizer, level 0",
     "freezing_l1": "embedded shared=freeze, FreezingOptimizer, level 1",
     "per_level_l1": "embedded shared=per_level, FreezingOptimizer, level 1",

@@ -126,13 +126,11 @@ class LevelScheduler(keras.callbacks.Callback):
         self._prune_at = {}
         # The FreezingOptimizer checked above keeps unused weights at zero, so
         # the wrappers may train on their raw weights (no mask in the step).
-        for wrapper in model_ops.wrappers(model):
-            wrapper._train_raw = True
+        model_ops.set_raw_training(model, True)
         model_ops.reset_compiled_functions(model, in_fit=True)
 
     def on_train_end(self, logs=None):
-        for wrapper in model_ops.wrappers(self.model):
-            wrapper._train_raw = False
+        model_ops.set_raw_training(self.model, False)
         model_ops.reset_compiled_functions(self.model)
 
     def _level_index(self):

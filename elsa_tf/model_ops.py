@@ -76,6 +76,17 @@ def set_view_level(model, level: int) -> None:
         w.set_view_level(level)
 
 
+def set_raw_training(model, enabled: bool) -> None:
+    """Lets training steps run on the raw weights, with no mask.
+
+    Only valid while a `FreezingOptimizer` keeps every weight the current
+    level does not use at zero; `LevelScheduler` turns it on for its run.
+    Takes effect when the train step is next traced.
+    """
+    for w in wrappers(model):
+        w._train_raw = bool(enabled)
+
+
 def _prunable(model):
     return [(w, i) for w in wrappers(model) for i in range(len(w.prunable_weights))]
 
