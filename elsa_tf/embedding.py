@@ -10,20 +10,7 @@ from elsa_tf import levels as levels_lib
 from elsa_tf import model_ops, schedules
 from elsa_tf import prunable as prunable_lib
 from elsa_tf._keras_compat import is_functional
-from elsa_tf.wrapper import SELECTIONS, SHARED_MODES, ElsaWrapper
-
-
-def _all_layers(model):
-    stack, seen = [model], set()
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        if layer is not model:
-            yield layer
-        if isinstance(layer, keras.Model):
-            stack.extend(layer.layers)
+from elsa_tf.wrapper import SELECTIONS, SHARED_MODES, ElsaWrapper, check_option
 
 
 def _prune_predicate(model, prune) -> Callable[[keras.layers.Layer], bool]:
@@ -50,7 +37,7 @@ def _prune_predicate(model, prune) -> Callable[[keras.layers.Layer], bool]:
                 "prune must be None, a layer class or tuple of classes, a list of "
                 f"layer names, or a predicate. Received: prune={prune!r}"
             )
-        known = {layer.name: layer for layer in _all_layers(model)}
+        known = {layer.name: layer for layer in model_ops.iter_layers(model)}
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(
@@ -92,7 +79,7 @@ def _copy_layer(layer):
 def _check_cloneable(model):
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model. Received: model={model!r}")
-    nested = [m for m in _all_layers(model) if isinstance(m, keras.Model)]
+    nested = [m for m in model_ops.iter_layers(model) if isinstance(m, keras.Model)]
     for m in [model, *nested]:
         if not isinstance(m, keras.Sequential) and not is_functional(m):
             raise TypeError(
@@ -177,14 +164,8 @@ def embed(
     """
     sparsities = levels_lib.validate_sparsities(sparsities)
     _check_cloneable(model)
-    if shared not in SHARED_MODES:
-        raise ValueError(
-            f"shared must be one of {SHARED_MODES}. Received: shared={shared!r}"
-        )
-    if selection not in SELECTIONS:
-        raise ValueError(
-            f"selection must be one of {SELECTIONS}. Received: selection={selection!r}"
-        )
+    check_option("shared", shared, SHARED_MODES)
+    check_option("selection", selection, SELECTIONS)
     schedule = schedules.get(schedule)
     if any(True for _ in model_ops.iter_wrappers(model)):
         raise ValueError(f"Model {model.name!r} is already embedded.")

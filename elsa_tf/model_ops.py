@@ -15,19 +15,23 @@ from elsa_tf import levels
 from elsa_tf.wrapper import ElsaWrapper
 
 
-def iter_wrappers(model: keras.layers.Layer) -> Iterator[ElsaWrapper]:
-    """Yields every `ElsaWrapper` in `model`, nested models included, once."""
-    seen = set()
-    stack = [model]
+def iter_layers(model: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
+    """Yields every layer inside `model`, nested models included, once, in order."""
+    seen = {id(model)}
+    stack = list(reversed(getattr(model, "layers", [])))
     while stack:
         layer = stack.pop()
         if id(layer) in seen:
             continue
         seen.add(id(layer))
-        if isinstance(layer, ElsaWrapper):
-            yield layer
-        elif isinstance(layer, keras.Model):
+        yield layer
+        if isinstance(layer, keras.Model):
             stack.extend(reversed(layer.layers))
+
+
+def iter_wrappers(model: keras.layers.Layer) -> Iterator[ElsaWrapper]:
+    """Yields every `ElsaWrapper` in `model`, nested models included, once."""
+    return (layer for layer in iter_layers(model) if isinstance(layer, ElsaWrapper))
 
 
 def wrappers(model) -> list[ElsaWrapper]:

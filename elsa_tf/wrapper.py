@@ -42,6 +42,13 @@ from elsa_tf import prunable as prunable_lib
 SHARED_MODES = ("freeze", "per_level")
 SELECTIONS = ("per_layer", "global")
 
+
+def check_option(name: str, value, allowed: tuple) -> None:
+    """Raises a ValueError naming `name` unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}. Received: {name}={value!r}")
+
+
 # id(variable) -> (weak wrapper, index into its level maps, or None for a
 # shared weight). The optimizer wrapper only sees variables, so it looks up
 # here how each one may change.
@@ -122,15 +129,8 @@ class ElsaWrapper(keras.layers.Wrapper):
     ):
         super().__init__(layer, **kwargs)
         self.sparsities = levels.validate_sparsities(sparsities)
-        if shared not in SHARED_MODES:
-            raise ValueError(
-                f"shared must be one of {SHARED_MODES}. Received: shared={shared!r}"
-            )
-        if selection not in SELECTIONS:
-            raise ValueError(
-                f"selection must be one of {SELECTIONS}. "
-                f"Received: selection={selection!r}"
-            )
+        check_option("shared", shared, SHARED_MODES)
+        check_option("selection", selection, SELECTIONS)
         self.prune = bool(prune)
         self.shared = shared
         self.schedule = schedules.get(schedule)
