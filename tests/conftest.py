@@ -1,6 +1,8 @@
 """Shared fixtures: models and data small enough to reason about by hand."""
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -9,6 +11,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import elsa_tf  # noqa: E402, F401  (registers the serializable classes)
+
+# The examples are importable from the tests (they are thin mains over
+# functions the tests call).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from digits import build_cnn as digits_cnn  # noqa: E402, F401
 
 
 @pytest.fixture(autouse=True)
@@ -27,18 +34,6 @@ def cnn_with_bn(num_classes: int = 3) -> keras.Model:
     h = keras.layers.Dense(16, activation="relu", name="hidden")(h)
     outputs = keras.layers.Dense(num_classes, name="logits")(h)
     return keras.Model(inputs, outputs, name="cnn")
-
-
-def digits_cnn() -> keras.Model:
-    """The digits example's CNN (38k kernel weights): a realistic small model."""
-    inputs = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(16, 3, padding="same")(inputs)
-    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
-    h = keras.layers.Conv2D(32, 3, padding="same")(h)
-    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
-    h = keras.layers.Flatten()(keras.layers.MaxPooling2D()(h))
-    h = keras.layers.Dense(64, activation="relu")(h)
-    return keras.Model(inputs, keras.layers.Dense(10)(h))
 
 
 def mlp(inputs: int = 8, hidden: int = 16, outputs: int = 3) -> keras.Model:

@@ -2,9 +2,8 @@
 
 import doctest
 import json
-import sys
-from pathlib import Path
 
+import digits  # importable through conftest
 import keras
 import pytest
 from absl import flags
@@ -12,9 +11,6 @@ from absl.testing import flagsaver
 
 import elsa_tf
 from elsa_tf import embedding, optimizer, reporting, schedules
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import digits  # noqa: E402
 
 
 @pytest.mark.parametrize("module", [embedding, optimizer, schedules])
