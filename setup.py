@@ -29,7 +29,12 @@ setup(
     ],
     extras_require={
         "examples": ["absl-py", "scikit-learn"],
-        "test": ["pytest", "absl-py", "scikit-learn", "ruff"],
+        "test": ["pytest", "absl-py", "scikit-learn", "ruff", "ai-edge-litert"],
+        # On-device runtimes for elsa_tf.lite. A device without TensorFlow
+        # installs numpy and one of these, then this project with --no-deps
+        # (see the README's deployment section).
+        "litert": ["numpy", "ai-edge-litert"],
+        "tflite-runtime": ["numpy<2", "tflite-runtime"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

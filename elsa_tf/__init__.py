@@ -26,6 +26,7 @@ _EXPORTS = {
     "LevelSchedule": "elsa_tf.schedules",
     "ElsaWrapper": "elsa_tf.wrapper",
     "PrunableLayer": "elsa_tf.prunable",
+    "export_tflite": "elsa_tf.export",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -47,7 +48,7 @@ def __dir__():
 def _register_serializables():
     # keras.saving.load_model finds our classes by their registered names, so
     # the modules that register them must be imported before a model is loaded.
-    for module in sorted(set(_EXPORTS.values())):
+    for module in sorted(set(_EXPORTS.values()) - {"elsa_tf.export"}):
         importlib.import_module(module)
 
 

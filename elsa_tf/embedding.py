@@ -121,6 +121,7 @@ def embed(
     selection: str = "per_layer",
     schedule=None,
     shared: str = "freeze",
+    block_shape: tuple[int, int] | None = None,
 ) -> keras.Model:
     """Embeds nested sparse levels into a copy of `model`.
 
@@ -146,14 +147,28 @@ def embed(
         shared: how non-prunable weights are kept: `"freeze"` (trained with
             level 0, then frozen: one copy, no storage cost) or `"per_level"`
             (each level trains its own copy).
+        block_shape: None (the default) selects weights one by one; a pair
+            of positive ints `(rows, cols)` keeps or drops every rank-2
+            prunable weight in whole blocks of that shape, ranked by their
+            mean score (mean |w|), like tfmot's `block_size`. On a Dense
+            kernel, of shape `(in, out)`, `(4, 1)` groups 4 consecutive inputs
+            of one output unit: the 1x4 blocks that TFLite's sparse
+            fully-connected kernel runs fast. Where the block does not divide
+            a weight's shape, the edge blocks are smaller. Weights of other
+            ranks (convolution kernels) are still selected one by one. As
+            whole blocks are kept, each level keeps the achievable number of
+            weights nearest its target (the smaller one on a tie), so its
+            sparsity is off by at most half a block per layer (per model for
+            `selection="global"`).
 
     Returns:
         The embedded model, uncompiled, at level 0.
 
     Raises:
         TypeError: for a subclassed model or an option of the wrong type.
-        ValueError: for bad sparsities, an unknown layer filter, a model with
-            no prunable layer, or a model already embedded.
+        ValueError: for bad sparsities, an unknown layer filter, a bad
+            `block_shape`, a model with no prunable layer, or a model already
+            embedded.
 
     Example:
 
@@ -166,6 +181,7 @@ def embed(
     _check_cloneable(model)
     check_option("shared", shared, SHARED_MODES)
     check_option("selection", selection, SELECTIONS)
+    block_shape = levels_lib.validate_block_shape(block_shape)
     schedule = schedules.get(schedule)
     if any(True for _ in model_ops.iter_wrappers(model)):
         raise ValueError(f"Model {model.name!r} is already embedded.")
@@ -183,6 +199,7 @@ def embed(
             shared=shared,
             schedule=schedule,
             selection=selection,
+            block_shape=block_shape,
             name=f"elsa_{layer.name}",
         )
 

@@ -16,6 +16,12 @@ Two kinds of functions: the forward ones (`active_mask`, `frozen_mask`,
 `masked_weight`) are TensorFlow ops, traced into every training step; the
 selection ones, run eagerly between steps when masks change, are NumPy, whose
 O(n) `argpartition` is about 20 times faster than sorting with TensorFlow.
+
+With a `block_shape`, a rank-2 weight is selected in whole blocks instead of
+single weights (as tfmot's `block_size`): `block_reduce` scores each block by
+the mean of its weights' scores, `select_top_units` keeps the best blocks,
+and `block_expand` spreads the blocks' decisions back onto the weights, so a
+level map stays constant on every block.
 """
 
 from __future__ import annotations
@@ -77,6 +83,46 @@ def validate_sparsities(sparsities: Sequence[float]) -> tuple[float, ...]:
             f"Received: sparsities={list(values)}"
         )
     return values
+
+
+def validate_block_shape(block_shape) -> tuple[int, int] | None:
+    """Checks a block shape and returns it as a pair of ints, or None.
+
+    Args:
+        block_shape: None (single weights) or a pair of positive ints.
+
+    Returns:
+        None, or the block shape as a tuple of two Python ints.
+
+    Raises:
+        TypeError: if `block_shape` is neither None nor a pair of ints.
+        ValueError: if it has other than two entries, or one is below 1.
+    """
+    if block_shape is None:
+        return None
+    message = (
+        "block_shape must be None or a pair of positive ints, e.g. (4, 1). "
+        f"Received: block_shape={block_shape!r}"
+    )
+    if isinstance(block_shape, (str, bytes)) or not isinstance(block_shape, Sequence):
+        raise TypeError(message)
+    for b in block_shape:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+            raise TypeError(message)
+    if len(block_shape) != 2 or any(b < 1 for b in block_shape):
+        raise ValueError(message)
+    return (int(block_shape[0]), int(block_shape[1]))
+
+
+def weight_block_shape(shape, block_shape) -> tuple[int, int] | None:
+    """The block shape a weight of `shape` is selected in; None: weight by weight.
+
+    Only rank-2 weights are selected in blocks, as in tfmot; a (1, 1) block
+    is a single weight, which the faster elementwise selection handles.
+    """
+    if block_shape is None or len(shape) != 2 or tuple(block_shape) == (1, 1):
+        return None
+    return tuple(block_shape)
 
 
 def active_mask(level_map: tf.Tensor, level) -> tf.Tensor:
@@ -148,6 +194,103 @@ def select_top(scores: np.ndarray, candidates: np.ndarray, n_keep: int) -> np.nd
     elif n:
         ranked = np.asarray(scores).reshape(-1)[index]
         keep[index[np.argpartition(ranked, index.size - n)[index.size - n :]]] = True
+    return keep.reshape(np.shape(scores))
+
+
+def _grid(shape, block_shape):
+    """Blocks along each axis, counting partial edge blocks."""
+    return tuple(-(-n // b) for n, b in zip(shape, block_shape))
+
+
+def block_sizes(shape, block_shape) -> np.ndarray:
+    """Number of weights in each block of a rank-2 `shape`, as int64.
+
+    Blocks tile the weight from index (0, 0); where `block_shape` does not
+    divide `shape`, the last row or column of blocks is smaller.
+    """
+    sides = [np.minimum(b, n - np.arange(0, n, b)) for n, b in zip(shape, block_shape)]
+    return np.outer(*sides).astype(np.int64).reshape(_grid(shape, block_shape))
+
+
+def block_reduce(array: np.ndarray, block_shape) -> np.ndarray:
+    """Mean of a rank-2 `array` over each block, as float64.
+
+    A partial edge block averages the weights it holds (like average pooling
+    with "SAME" padding, which tfmot uses), not padding.
+
+    Example:
+
+    >>> block_reduce(np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), (2, 1))
+    array([[2., 3.],
+           [5., 6.]])
+    """
+    array = np.asarray(array, np.float64)
+    (rows, cols), (br, bc) = array.shape, block_shape
+    grid = _grid(array.shape, block_shape)
+    padded = np.zeros((grid[0] * br, grid[1] * bc))
+    padded[:rows, :cols] = array
+    sums = padded.reshape(grid[0], br, grid[1], bc).sum(axis=(1, 3))
+    return sums / block_sizes(array.shape, block_shape)
+
+
+def block_expand(block_array: np.ndarray, block_shape, shape) -> np.ndarray:
+    """Spreads one value per block back onto a weight of `shape`.
+
+    The inverse of `block_reduce` for arrays constant on every block.
+    """
+    block_array = np.asarray(block_array)
+    expected = _grid(shape, block_shape)
+    if block_array.shape != expected:
+        raise ValueError(
+            f"A weight of shape {tuple(shape)} in blocks of {tuple(block_shape)} "
+            f"has {expected} blocks. Received: block_array of shape "
+            f"{block_array.shape}"
+        )
+    full = np.repeat(np.repeat(block_array, block_shape[0], 0), block_shape[1], 1)
+    return full[: shape[0], : shape[1]]
+
+
+def select_top_units(
+    scores: np.ndarray, sizes: np.ndarray, candidates: np.ndarray, n_keep: int
+) -> np.ndarray:
+    """Keeps the highest-scoring units until they hold about `n_keep` weights.
+
+    A unit is a block of weights (or a single weight, of size 1). Candidates
+    are taken in decreasing order of score, ties by position, and the cut is
+    placed where the kept weight count is nearest `n_keep`; when two counts
+    are equally near, the smaller wins, so a level is never denser than its
+    target for nothing. The count is thus off by at most half the size of the
+    unit at the cut, and exact with units of size 1.
+
+    Args:
+        scores: float array, one score per unit, any shape.
+        sizes: positive int array of the same shape: weights in each unit.
+        candidates: boolean array of the same shape; only these can be kept.
+        n_keep: how many weights to keep; clipped to [0, weights in the
+            candidates].
+
+    Returns:
+        A boolean array of the shape of `scores`, True for kept units.
+
+    Example:
+
+    >>> select_top_units(
+    ...     np.array([0.9, 0.5, 0.7]), np.array([4, 4, 2]), np.ones(3, bool), 6
+    ... )
+    array([ True, False,  True])
+    """
+    flat_scores = np.asarray(scores, np.float64).reshape(-1)
+    flat_sizes = np.asarray(sizes, np.int64).reshape(-1)
+    index = np.flatnonzero(np.asarray(candidates).reshape(-1))
+    # A stable sort on the negated scores keeps tied units in position order.
+    order = index[np.argsort(-flat_scores[index], kind="stable")]
+    kept = np.concatenate([[0], np.cumsum(flat_sizes[order])])
+    n = min(max(int(n_keep), 0), int(kept[-1]))
+    cut = int(np.searchsorted(kept, n))  # the first count at or above n
+    if cut > 0 and n - kept[cut - 1] <= kept[cut] - n:
+        cut -= 1
+    keep = np.zeros(flat_scores.shape, bool)
+    keep[order[:cut]] = True
     return keep.reshape(np.shape(scores))
 
 

@@ -95,12 +95,58 @@ def _prunable(model):
     return [(w, i) for w in wrappers(model) for i in range(len(w.prunable_weights))]
 
 
+def _units(scores, level_map, level, block_shape):
+    """One weight's selection units: their scores, sizes and candidacy.
+
+    A unit is a single weight, or a block when `block_shape` is set; a block
+    is a candidate when all its weights are free (maps are block-constant,
+    so it is then wholly free or wholly not).
+    """
+    free = level_map == level
+    if block_shape is None:
+        return scores.reshape(-1), np.ones(free.size, np.int64), free.reshape(-1)
+    return (
+        levels.block_reduce(scores, block_shape).reshape(-1),
+        levels.block_sizes(level_map.shape, block_shape).reshape(-1),
+        (levels.block_reduce(free, block_shape) == 1.0).reshape(-1),
+    )
+
+
+def _expand(unit_keep, shape, block_shape):
+    """A weight's keep mask from its units' (see `_units`)."""
+    if block_shape is None:
+        return unit_keep.reshape(shape)
+    grid = levels.block_sizes(shape, block_shape).shape
+    return levels.block_expand(unit_keep.reshape(grid), block_shape, shape)
+
+
+def _select_units(scores, maps, level, sparsity, block_shapes):
+    """Keep masks of weights ranked together in units (blocks or weights)."""
+    n_free = levels.free_keep_count(
+        sum(m.size for m in maps),
+        sum(np.count_nonzero(m < level) for m in maps),
+        sparsity,
+    )
+    units = [_units(s, m, level, b) for s, m, b in zip(scores, maps, block_shapes)]
+    keep = levels.select_top_units(
+        *(np.concatenate([u[i] for u in units]) for i in range(3)), n_free
+    )
+    counts = [u[0].size for u in units]
+    return [
+        _expand(k, m.shape, b)
+        for k, m, b in zip(np.split(keep, np.cumsum(counts)[:-1]), maps, block_shapes)
+    ]
+
+
 def prune_to(model, sparsity, score=levels.magnitude) -> None:
     """Prunes the free weights of the current level down to `sparsity`.
 
     Only weights kept so far in the current level are candidates (pruning is
     monotone inside a level, as in gradual magnitude pruning); frozen weights
-    count as kept. Pruned weights are zeroed.
+    count as kept. Pruned weights are zeroed. Under the wrappers'
+    `block_shape`, rank-2 weights are ranked and pruned in whole blocks, by
+    mean score, and the kept count is the achievable one nearest the target
+    (`levels.select_top_units`).
 
     Args:
         model: an embedded model.
@@ -116,7 +162,12 @@ def prune_to(model, sparsity, score=levels.magnitude) -> None:
     weights = [w.prunable_weights[i] for w, i in entries]
     values = [keras.ops.convert_to_numpy(v.value) for v in weights]
     maps = [w.level_maps[i].numpy() for w, i in entries]
-    if entries[0][0].selection == "global":
+    block_shapes = [
+        levels.weight_block_shape(m.shape, w.block_shape)
+        for (w, _), m in zip(entries, maps)
+    ]
+    elementwise = all(b is None for b in block_shapes)
+    if entries[0][0].selection == "global" and elementwise:
         flat_maps = np.concatenate([m.reshape(-1) for m in maps])
         n_free = levels.free_keep_count(
             flat_maps.size, np.count_nonzero(flat_maps < k), sparsity
@@ -127,6 +178,9 @@ def prune_to(model, sparsity, score=levels.magnitude) -> None:
             n_free,
         )
         keeps = np.split(keep, np.cumsum([m.size for m in maps])[:-1])
+    elif entries[0][0].selection == "global":
+        scores = [score(v) for v in values]
+        keeps = _select_units(scores, maps, k, sparsity, block_shapes)
     else:
         keeps = [
             levels.select_top(
@@ -134,7 +188,9 @@ def prune_to(model, sparsity, score=levels.magnitude) -> None:
                 m == k,
                 levels.free_keep_count(m.size, np.count_nonzero(m < k), sparsity),
             )
-            for v, m in zip(values, maps)
+            if b is None
+            else _select_units([score(v)], [m], k, sparsity, [b])[0]
+            for v, m, b in zip(values, maps, block_shapes)
         ]
     for (w, i), weight, value, level_map, keep in zip(
         entries, weights, values, maps, keeps

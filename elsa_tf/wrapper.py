@@ -114,6 +114,9 @@ class ElsaWrapper(keras.layers.Wrapper):
         shared: how shared weights are kept, `"freeze"` or `"per_level"`.
         schedule: the `LevelSchedule` (or its identifier) used inside a level.
         selection: `"per_layer"` or `"global"` magnitude selection.
+        block_shape: None to select single weights, or a pair of positive
+            ints: rank-2 prunable weights are then kept or dropped in whole
+            blocks of that shape (see `elsa_tf.embed`).
         **kwargs: base `Layer` arguments such as `name`.
     """
 
@@ -125,6 +128,7 @@ class ElsaWrapper(keras.layers.Wrapper):
         shared: str = "freeze",
         schedule=None,
         selection: str = "per_layer",
+        block_shape: tuple[int, int] | None = None,
         **kwargs,
     ):
         super().__init__(layer, **kwargs)
@@ -135,6 +139,7 @@ class ElsaWrapper(keras.layers.Wrapper):
         self.shared = shared
         self.schedule = schedules.get(schedule)
         self.selection = selection
+        self.block_shape = levels.validate_block_shape(block_shape)
         self.supports_masking = getattr(layer, "supports_masking", False)
         self._call_has_training = "training" in inspect.signature(layer.call).parameters
         self._state_created = False
@@ -344,6 +349,9 @@ class ElsaWrapper(keras.layers.Wrapper):
                 "shared": self.shared,
                 "schedule": self.schedule.get_config(),
                 "selection": self.selection,
+                "block_shape": None
+                if self.block_shape is None
+                else list(self.block_shape),
             }
         )
         return config

@@ -66,6 +66,24 @@ def vector_data(n: int = 128, features: int = 8, num_classes: int = 3, seed: int
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def finish_levels(model, seed: int = 0):
+    """Stands in for training: before finishing each level, gives the free
+    weights new random values, so each denser level really holds more
+    (nonzero) weights. Returns the model, every level finished."""
+    from elsa_tf import model_ops
+
+    rng = np.random.default_rng(seed)
+    for _ in model_ops.sparsities(model):
+        for w in model_ops.wrappers(model):
+            for weight, level_map in zip(w.prunable_weights, w.level_maps):
+                free = level_map.numpy() == w.current_level
+                value = keras.ops.convert_to_numpy(weight.value)
+                value[free] = rng.normal(size=int(free.sum()))
+                weight.assign(value)
+        model_ops.finish_level(model)
+    return model
+
+
 @pytest.fixture
 def cnn():
     return cnn_with_bn()

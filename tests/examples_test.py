@@ -10,10 +10,10 @@ from absl import flags
 from absl.testing import flagsaver
 
 import elsa_tf
-from elsa_tf import embedding, optimizer, reporting, schedules
+from elsa_tf import embedding, levels, optimizer, reporting, schedules
 
 
-@pytest.mark.parametrize("module", [embedding, optimizer, schedules])
+@pytest.mark.parametrize("module", [embedding, levels, optimizer, schedules])
 def test_docstring_examples(module):
     globs = {"keras": keras, "elsa_tf": elsa_tf, "summary": reporting.summary}
     globs.update(vars(module))

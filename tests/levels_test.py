@@ -1,5 +1,7 @@
 """The pure level math, on fixtures small enough to check by hand."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -94,3 +96,121 @@ def test_project_update_keeps_frozen_takes_current_zeroes_the_rest():
     new = tf.constant([9.0, 8.0, 7.0, 6.0])
     np.testing.assert_array_equal(levels.project_update(old, new, m, 1), [1, 8, 7, 0])
     np.testing.assert_array_equal(levels.project_update(None, new, m, 0), [9, 0, 0, 0])
+
+
+@pytest.mark.parametrize(
+    "good, expected",
+    [(None, None), ((4, 1), (4, 1)), ([2, 3], (2, 3)), ((np.int64(1), 8), (1, 8))],
+)
+def test_validate_block_shape_accepts(good, expected):
+    assert levels.validate_block_shape(good) == expected
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        ((0, 1), ValueError),
+        ((4, -1), ValueError),
+        ((4,), ValueError),
+        ((4, 1, 1), ValueError),
+        ((4.0, 1), TypeError),
+        ((True, 1), TypeError),
+        (4, TypeError),
+        ("41", TypeError),
+    ],
+)
+def test_validate_block_shape_rejects(bad, error):
+    message = r"pair of positive ints.*Received: block_shape=" + re.escape(repr(bad))
+    with pytest.raises(error, match=message):
+        levels.validate_block_shape(bad)
+
+
+def test_only_rank_2_weights_are_selected_in_blocks():
+    assert levels.weight_block_shape((8, 3), (4, 1)) == (4, 1)
+    assert levels.weight_block_shape((3, 3, 1, 4), (4, 1)) is None
+    assert levels.weight_block_shape((8,), (4, 1)) is None
+    assert levels.weight_block_shape((8, 3), (1, 1)) is None  # a single weight
+    assert levels.weight_block_shape((8, 3), None) is None
+
+
+def test_block_sizes_count_partial_edge_blocks():
+    np.testing.assert_array_equal(
+        levels.block_sizes((5, 3), (2, 2)), [[4, 2], [4, 2], [2, 1]]
+    )
+    np.testing.assert_array_equal(levels.block_sizes((3, 2), (4, 1)), [[3, 3]])
+
+
+def test_block_reduce_averages_what_each_block_holds():
+    a = np.arange(15.0).reshape(5, 3)  # rows [0 1 2] [3 4 5] ... [12 13 14]
+    np.testing.assert_array_equal(
+        levels.block_reduce(a, (2, 2)),
+        [
+            [(0 + 1 + 3 + 4) / 4, (2 + 5) / 2],
+            [(6 + 7 + 9 + 10) / 4, (8 + 11) / 2],
+            [(12 + 13) / 2, 14],
+        ],
+    )
+    np.testing.assert_array_equal(levels.block_reduce(a, (1, 1)), a)
+    np.testing.assert_array_equal(
+        levels.block_reduce(np.array([[True], [True], [False]]), (2, 1)), [[1], [0]]
+    )
+
+
+def test_block_expand_undoes_block_reduce_on_block_constant_arrays():
+    blocks = np.array([[1, 2], [3, 4], [5, 6]], np.uint8)
+    full = levels.block_expand(blocks, (2, 2), (5, 3))
+    np.testing.assert_array_equal(
+        full,
+        [[1, 1, 2], [1, 1, 2], [3, 3, 4], [3, 3, 4], [5, 5, 6]],
+    )
+    assert full.dtype == np.uint8
+    np.testing.assert_array_equal(levels.block_reduce(full, (2, 2)), blocks)
+
+
+def test_block_expand_checks_the_block_grid():
+    with pytest.raises(ValueError, match=r"has \(3, 2\) blocks.*shape \(2, 2\)"):
+        levels.block_expand(np.zeros((2, 2)), (2, 2), (5, 3))
+
+
+def test_select_top_units_keeps_best_units_to_the_nearest_count():
+    scores = np.array([0.9, 0.5, 0.7, 0.1])
+    sizes = np.array([4, 4, 2, 4])
+    everyone = np.ones(4, bool)
+    # Ranked: 0 (4), 2 (+2 = 6), 1 (+4 = 10), 3 (+4 = 14).
+    for n_keep, expected in [
+        (0, [0, 0, 0, 0]),
+        (1, [0, 0, 0, 0]),  # 0 is nearer 1 than 4 is
+        (3, [1, 0, 0, 0]),
+        (4, [1, 0, 0, 0]),
+        (5, [1, 0, 0, 0]),  # 4 and 6 are as near: the smaller wins
+        (6, [1, 0, 1, 0]),
+        (9, [1, 1, 1, 0]),
+        (14, [1, 1, 1, 1]),
+        (99, [1, 1, 1, 1]),  # clipped
+        (-1, [0, 0, 0, 0]),
+    ]:
+        np.testing.assert_array_equal(
+            levels.select_top_units(scores, sizes, everyone, n_keep),
+            np.array(expected, bool),
+            err_msg=f"n_keep={n_keep}",
+        )
+
+
+def test_select_top_units_respects_candidates_and_breaks_ties_by_position():
+    scores = np.zeros([2, 3])
+    sizes = np.full([2, 3], 2)
+    candidates = np.array([[False, True, True], [True, True, False]])
+    keep = levels.select_top_units(scores, sizes, candidates, 4)
+    np.testing.assert_array_equal(keep, [[False, True, True], [False, False, False]])
+    keep = levels.select_top_units(scores, sizes, candidates, 100)
+    np.testing.assert_array_equal(keep, candidates)
+
+
+def test_select_top_units_of_size_1_keeps_what_select_top_keeps():
+    scores = np.random.default_rng(0).normal(size=(6, 5))
+    candidates = scores > -1.0
+    for n_keep in [0, 3, 11, 30]:
+        np.testing.assert_array_equal(
+            levels.select_top_units(scores, np.ones_like(scores), candidates, n_keep),
+            levels.select_top(scores, candidates, n_keep),
+        )

@@ -25,6 +25,7 @@ def _config_round_trip(obj):
         {"prune": False},
         {"shared": "per_level"},
         {"selection": "global"},
+        {"block_shape": [4, 1]},
         {"schedule": elsa_tf.LevelSchedule("constant", end_fraction=0.5, frequency=3)},
         {"name": "custom_name"},
     ],

@@ -1,0 +1,66 @@
+"""Builds the exports the on-device tests read (needs TensorFlow).
+
+Trains the digits CNN of examples/digits.py for three levels, exports it in
+every quantization mode, and saves the inputs and the outputs of
+`extract(model, level)` beside them, so tests without TensorFlow can compare.
+
+    python tests/lite/make_export.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SPARSITIES = (0.9, 0.5, 0.0)
+MODES = ("float32", "float16", "dynamic", "int8")
+REFERENCE = "reference.npz"
+
+
+def make(out_dir, epochs_per_level: int = 3) -> str:
+    """Writes `out_dir/<mode>/` exports and `out_dir/reference.npz`."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import keras
+    from digits import build_cnn, load_digits
+
+    import elsa_tf
+
+    keras.utils.set_random_seed(0)
+    x_train, y_train, x_test, y_test = load_digits(0)
+    model = elsa_tf.embed(build_cnn(), SPARSITIES, selection="global")
+    elsa_tf.fit(
+        model,
+        x_train,
+        y_train,
+        epochs_per_level=epochs_per_level,
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        batch_size=64,
+        verbose=0,
+    )
+    x, y = x_test[:200], y_test[:200]
+    for mode in MODES:
+        elsa_tf.export_tflite(
+            model,
+            os.path.join(out_dir, mode),
+            quantization=None if mode == "float32" else mode,
+            representative_data=x_train,
+            evaluation_data=(x, y),
+            overwrite=True,
+        )
+    outputs = {
+        f"level{k}": keras.ops.convert_to_numpy(elsa_tf.extract(model, k)(x))
+        for k in range(len(SPARSITIES))
+    }
+    np.savez(os.path.join(out_dir, REFERENCE), x=x, y=y, **outputs)
+    return os.fspath(out_dir)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(make(sys.argv[1]))
