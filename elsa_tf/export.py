@@ -9,7 +9,9 @@ densest level plus the level map, see `elsa_tf.lite.bundle`) and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -93,7 +95,9 @@ def _convert(model, quantization, representative_data, sparse: bool) -> bytes:
     elif quantization == "int8":
         converter.representative_dataset = _representative_dataset(representative_data)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return bytes(converter.convert())
+    # Keras prints the traced signature, a line per captured variable.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return bytes(converter.convert())
 
 
 def integer_densify_ops(content: bytes) -> int:
