@@ -25,13 +25,13 @@ A quick smoke run:
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from _output import write_json
 from absl import app, flags  # noqa: E402
 
 SHARED_MODES = ("freeze", "per_level")
@@ -350,9 +350,7 @@ def main(argv):
     )
     print(format_tables(results))
     if FLAGS.out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(FLAGS.out, results)
 
 
 if __name__ == "__main__":

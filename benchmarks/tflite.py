@@ -82,7 +82,6 @@ import gzip
 import importlib
 import inspect
 import io
-import json
 import os
 import platform
 import shutil
@@ -93,6 +92,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from _output import write_json
 from absl import app, flags, logging  # noqa: E402
 
 MODELS = ("cnn", "mobilenet_v2", "mlp")
@@ -294,21 +294,14 @@ def _read(path) -> bytes:
 # -- latency ---------------------------------------------------------------------------
 
 
-def _feed(interpreter, x):
-    (detail,) = interpreter.get_input_details()
-    if tuple(detail["shape"]) != x.shape:
-        interpreter.resize_tensor_input(detail["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(detail["index"], x.astype(detail["dtype"]))
-    return interpreter
-
-
 def _interpreter(entry, x, threads):
     """A ready interpreter with `x` set, for an entry of a timing set."""
     from elsa_tf import lite
 
     if entry["kind"] == "content":
-        return _feed(lite.runtime.interpreter(entry["content"], num_threads=threads), x)
+        interpreter = lite.runtime.interpreter(entry["content"], num_threads=threads)
+        lite.runtime.feed(interpreter, x)
+        return interpreter
     runner = lite.LevelRunner(entry["export_dir"], num_threads=threads)
     runner.load(entry["level"], source=entry["source"]).run(x)
     return runner.interpreter
@@ -367,9 +360,9 @@ def _checks(export_dir, num_levels, dense_content, x):
     runner = lite.LevelRunner(export_dir, num_threads=1)
     file_out = [runner.load(k, source="file").run(x) for k in range(num_levels)]
     bundle_out = [runner.load(k, source="bundle").run(x) for k in range(num_levels)]
-    dense_out = _feed(lite.runtime.interpreter(dense_content, num_threads=1), x)
-    dense_out.invoke()
-    dense_out = dense_out.get_tensor(dense_out.get_output_details()[0]["index"])
+    dense_out = lite.runtime.predict(
+        lite.runtime.interpreter(dense_content, num_threads=1), x
+    )
     return {
         "bundle_vs_file": [_max_abs_diff(a, b) for a, b in zip(file_out, bundle_out)],
         "dense_vs_densest_file": _max_abs_diff(dense_out, file_out[-1]),
@@ -941,9 +934,7 @@ def main(argv):
     )
     print(format_tables(results))
     if FLAGS.out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(FLAGS.out, results)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ A quick smoke run:
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import platform
@@ -61,6 +60,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from _output import write_json
 from absl import app, flags  # noqa: E402
 
 ARCHS = ("cnn", "mlp")
@@ -856,9 +856,7 @@ def main(argv):
     )
     print(format_tables(results))
     if FLAGS.out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(FLAGS.out, results)
 
 
 if __name__ == "__main__":

@@ -134,16 +134,6 @@ def _probe_inputs(model, evaluation_data, representative_data) -> np.ndarray:
     return np.random.default_rng(0).uniform(size=shape).astype(np.float32)
 
 
-def _outputs(content: bytes, x: np.ndarray) -> np.ndarray:
-    interpreter = runtime.interpreter(content)
-    inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x.astype(inp["dtype"]))
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-
-
 def _sparse_is_better(sparse: bytes, dense: bytes, quantization, probe) -> bool:
     """Whether to store a level sparse: smaller, runnable, and as exact.
 
@@ -157,7 +147,8 @@ def _sparse_is_better(sparse: bytes, dense: bytes, quantization, probe) -> bool:
     if quantization in ("dynamic", "int8") and integer_densify_ops(sparse):
         return False
     try:
-        got, want = _outputs(sparse, probe), _outputs(dense, probe)
+        got = runtime.predict(runtime.interpreter(sparse), probe)
+        want = runtime.predict(runtime.interpreter(dense), probe)
     except Exception:  # The runtimes raise RuntimeError or ValueError.
         return False
     scale = max(float(np.abs(want).max()), 1e-6)
@@ -167,7 +158,7 @@ def _sparse_is_better(sparse: bytes, dense: bytes, quantization, probe) -> bool:
 def _check_runs(content: bytes, what: str) -> None:
     """Prepares the file with the runtime's default delegates, or raises."""
     try:
-        runtime.interpreter(content).allocate_tensors()
+        runtime.interpreter(content)
     except Exception as e:  # The runtimes raise RuntimeError or ValueError.
         raise RuntimeError(
             f"The exported {what} does not run under {runtime.name()}'s default "
@@ -181,17 +172,11 @@ def _accuracy(content: bytes, data, batch_size: int = 256) -> float:
     if y.ndim > 1:
         y = y.argmax(-1)
     interpreter = runtime.interpreter(content)
-    (inp,) = interpreter.get_input_details()
-    out = interpreter.get_output_details()[0]
     correct = 0
     for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size].astype(inp["dtype"])
-        interpreter.resize_tensor_input(inp["index"], batch.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(inp["index"], batch)
-        interpreter.invoke()
-        predicted = interpreter.get_tensor(out["index"]).argmax(-1)
-        correct += int((predicted == y[start : start + batch_size]).sum())
+        outputs = runtime.predict(interpreter, x[start : start + batch_size])
+        predicted = np.asarray(outputs[0] if isinstance(outputs, list) else outputs)
+        correct += int((predicted.argmax(-1) == y[start : start + batch_size]).sum())
     return correct / len(x)
 
 

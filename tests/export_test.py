@@ -21,13 +21,7 @@ def model():
 
 
 def _outputs(content, x):
-    interpreter = lite.runtime.interpreter(content)
-    (inp,) = interpreter.get_input_details()
-    interpreter.resize_tensor_input(inp["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x)
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    return lite.runtime.predict(lite.runtime.interpreter(content), x)
 
 
 def _leftovers(parent):

@@ -418,6 +418,18 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
+def check_sha256(data: bytes, expected: str | None, name: str, error=BundleError):
+    """Raises `error` if `data` does not hash to the manifest's `expected`."""
+    if expected is None:
+        return
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected:
+        raise error(
+            f"SHA-256 of {name} is {digest}, but the manifest records "
+            f"{expected}: the file is not the one exported."
+        )
+
+
 def read_bundle(source, *, expected_sha256: str | None = None) -> Bundle:
     """Reads a bundle from a path or from its bytes.
 
@@ -435,13 +447,7 @@ def read_bundle(source, *, expected_sha256: str | None = None) -> Bundle:
         name = os.fspath(source)
         with open(name, "rb") as f:
             data = f.read()
-    if expected_sha256 is not None:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != expected_sha256:
-            raise BundleError(
-                f"SHA-256 of {name} is {digest}, but the manifest records "
-                f"{expected_sha256}: the file is not the one exported."
-            )
+    check_sha256(data, expected_sha256, name, BundleError)
     try:
         model = fb.read_model(data)
     except fb.FlatbufferError as e:

@@ -10,7 +10,6 @@ every file it reads; it runs batches and measures latency on the device.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -50,13 +49,7 @@ def read_verified(path, sha256: str | None) -> bytes:
     """The bytes of a file, checked against the manifest's SHA-256."""
     with open(path, "rb") as f:
         data = f.read()
-    if sha256 is not None:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != sha256:
-            raise ManifestError(
-                f"SHA-256 of {os.fspath(path)} is {digest}, but the manifest "
-                f"records {sha256}: the file is not the one exported."
-            )
+    bundle_lib.check_sha256(data, sha256, os.fspath(path), ManifestError)
     return data
 
 
@@ -156,7 +149,6 @@ class LevelRunner:
         self._bundle = None
         self.level = None
         self.interpreter = None
-        self._batch = None
 
     @property
     def runtime(self) -> str:
@@ -214,44 +206,22 @@ class LevelRunner:
     def load(self, level: int, *, source: str = "auto") -> LevelRunner:
         """Switches to `level`; returns the runner, so calls chain."""
         content = self.model_bytes(level, source=source)
-        interpreter = runtime.interpreter(content, num_threads=self.num_threads)
-        interpreter.allocate_tensors()
-        self.interpreter, self.level = interpreter, level
-        self._batch = None
+        self.interpreter = runtime.interpreter(content, num_threads=self.num_threads)
+        self.level = level
         return self
 
-    def _feed(self, inputs) -> None:
+    def _interpreter(self):
         if self.interpreter is None:
             raise ValueError("Load a level first: runner.load(level).")
-        details = self.interpreter.get_input_details()
-        arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        if len(arrays) != len(details):
-            raise ValueError(
-                f"The model takes {len(details)} inputs. Received: {len(arrays)}"
-            )
-        arrays = [np.asarray(a, d["dtype"]) for a, d in zip(arrays, details)]
-        shapes = tuple(a.shape for a in arrays)
-        if shapes != self._batch:
-            for a, d in zip(arrays, details):
-                self.interpreter.resize_tensor_input(d["index"], a.shape)
-            self.interpreter.allocate_tensors()
-            self._batch = shapes
-        for a, d in zip(arrays, details):
-            self.interpreter.set_tensor(d["index"], a)
+        return self.interpreter
 
     def run(self, inputs):
         """Runs one batch; returns the output array (a list if several)."""
-        self._feed(inputs)
-        self.interpreter.invoke()
-        outputs = [
-            self.interpreter.get_tensor(d["index"])
-            for d in self.interpreter.get_output_details()
-        ]
-        return outputs[0] if len(outputs) == 1 else outputs
+        return runtime.predict(self._interpreter(), inputs)
 
     def latency(self, inputs, *, warmup: int = 3, repeats: int = 20) -> Latency:
         """Measures `invoke` on `inputs` after `warmup` untimed runs."""
-        self._feed(inputs)
+        runtime.feed(self._interpreter(), inputs)
         for _ in range(warmup):
             self.interpreter.invoke()
         seconds = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import os
 
+import numpy as np
+
 RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
 ENV_VAR = "ELSA_TF_LITE_RUNTIME"
 
@@ -66,8 +68,40 @@ def name() -> str:
 
 
 def interpreter(model_content: bytes, *, num_threads: int | None = None):
-    """An interpreter for a flatbuffer, with the runtime's default delegates."""
+    """An interpreter for a flatbuffer, with the runtime's default delegates,
+    its tensors allocated (so a file that cannot be prepared raises here)."""
     cls = find()[1]
     if num_threads is None:
-        return cls(model_content=model_content)
-    return cls(model_content=model_content, num_threads=int(num_threads))
+        result = cls(model_content=model_content)
+    else:
+        result = cls(model_content=model_content, num_threads=int(num_threads))
+    result.allocate_tensors()
+    return result
+
+
+def feed(interpreter, inputs) -> None:
+    """Sets a batch (an array, or a list in input order), resizing the
+    interpreter's inputs when the batch's shapes differ from theirs."""
+    details = interpreter.get_input_details()
+    arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    if len(arrays) != len(details):
+        raise ValueError(
+            f"The model takes {len(details)} inputs. Received: {len(arrays)}"
+        )
+    arrays = [np.asarray(a, d["dtype"]) for a, d in zip(arrays, details)]
+    if any(tuple(d["shape"]) != a.shape for a, d in zip(arrays, details)):
+        for a, d in zip(arrays, details):
+            interpreter.resize_tensor_input(d["index"], a.shape)
+        interpreter.allocate_tensors()
+    for a, d in zip(arrays, details):
+        interpreter.set_tensor(d["index"], a)
+
+
+def predict(interpreter, inputs):
+    """Runs one batch; returns the output array (a list if several)."""
+    feed(interpreter, inputs)
+    interpreter.invoke()
+    outputs = [
+        interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()
+    ]
+    return outputs[0] if len(outputs) == 1 else outputs

@@ -26,13 +26,7 @@ LEVELS = range(len(SPARSITIES))
 
 
 def _outputs(content: bytes, x: np.ndarray) -> np.ndarray:
-    interpreter = lite.runtime.interpreter(content)
-    (inp,) = interpreter.get_input_details()
-    interpreter.resize_tensor_input(inp["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x.astype(inp["dtype"]))
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    return lite.runtime.predict(lite.runtime.interpreter(content), x)
 
 
 def _level_file(exports, mode, level) -> bytes:
@@ -100,13 +94,7 @@ for mode in sys.argv[3:]:
         contents += [bundle.materialize(k) for k in bundle.levels]
     for content in contents:
         interpreter = lite.runtime.interpreter(content)  # Default settings.
-        (inp,) = interpreter.get_input_details()
-        interpreter.resize_tensor_input(inp["index"], x.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(inp["index"], x)
-        interpreter.invoke()
-        out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-        assert np.isfinite(out).all()
+        assert np.isfinite(lite.runtime.predict(interpreter, x)).all()
     print(lite.runtime.name(), mode, len(contents), "files ran")
 """
 

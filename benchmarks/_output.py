@@ -1,0 +1,11 @@
+"""What every benchmark's main does with its results besides printing them."""
+
+import json
+import os
+
+
+def write_json(path, results) -> None:
+    """Writes `results` to `path` as indented JSON, creating its directory."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
