@@ -28,13 +28,37 @@ setup(
         "numpy",
     ],
     extras_require={
-        "examples": ["absl-py", "scikit-learn"],
-        "test": ["pytest", "absl-py", "scikit-learn", "ruff", "ai-edge-litert"],
+        # The training program (elsa-train, examples/, benchmarks/): datasets,
+        # TensorBoard logs, the report's plot, and the on-device runtime that
+        # times the exported levels.
+        "examples": [
+            "absl-py",
+            "scikit-learn",
+            "tensorflow-datasets",
+            "mnist1d",
+            "matplotlib",
+            "tensorboard",
+            "ai-edge-litert",
+        ],
+        "test": [
+            "pytest",
+            "absl-py",
+            "scikit-learn",
+            "tensorflow-datasets",
+            "mnist1d",
+            "matplotlib",
+            "tensorboard",
+            "ruff",
+            "ai-edge-litert",
+        ],
         # On-device runtimes for elsa_tf.lite. A device without TensorFlow
         # installs numpy and one of these, then this project with --no-deps
         # (see the README's deployment section).
         "litert": ["numpy", "ai-edge-litert"],
         "tflite-runtime": ["numpy<2", "tflite-runtime"],
+    },
+    entry_points={
+        "console_scripts": ["elsa-train = elsa_tf.experiments.main:run"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -69,27 +69,16 @@ def load_digits(seed: int, test_fraction: float):
 
 
 def build_cnn(seed: int):
-    """Conv-BN-ReLU x2, pool, Dense(bias) x2: every kind of shared weight."""
+    """Conv-BN-ReLU x2, pool, Dense(bias) x2: every kind of shared weight.
+
+    The model zoo's `"cnn"`, seeded.
+    """
     import keras
 
+    from elsa_tf.experiments import zoo
+
     keras.utils.set_random_seed(seed)
-    L = keras.layers
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            L.Conv2D(16, 3, padding="same", name="conv1"),
-            L.BatchNormalization(name="bn1"),
-            L.ReLU(),
-            L.Conv2D(32, 3, padding="same", name="conv2"),
-            L.BatchNormalization(name="bn2"),
-            L.ReLU(),
-            L.MaxPooling2D(),
-            L.Flatten(),
-            L.Dense(64, activation="relu", name="fc"),
-            L.Dense(10, name="logits"),
-        ],
-        name="digits_cnn",
-    )
+    return zoo.build("cnn", (8, 8, 1), 10)
 
 
 def _copy(model):

@@ -2,7 +2,7 @@
 
 Three models are embedded with the same levels (default sparsities 0.9, 0.75,
 0.5, 0.0; per-layer magnitude selection) and exported with
-`elsa_tf.export_tflite`: the small CNN of `examples/digits.py` (8x8x1 inputs),
+`elsa_tf.export_tflite`: the zoo's small digits CNN (`zoo.build("cnn")`, 8x8x1 inputs),
 MobileNetV2 (`keras.applications`, 224x224x3, alpha 1.0, about 3.5M weights)
 and a large MLP (1024-2048-2048-10, about 6.3M weights). Every figure below is
 measured in one run, side by side:
@@ -85,7 +85,6 @@ import io
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 
@@ -104,8 +103,6 @@ LABELS = {
 MATERIALIZE_GOAL_S = 0.2
 BUNDLE_GOAL = 1.10
 
-# examples/digits.py, imported for its CNN, defines --sparsities, --selection,
-# --seed and others: the flags here are named apart from them.
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", list(MODELS), f"Models to measure: {', '.join(MODELS)}.")
 flags.DEFINE_list(
@@ -152,12 +149,9 @@ def _build(name, *, seed, mlp_units, mobilenet_size):
 
     keras.utils.set_random_seed(seed)
     if name == "cnn":
-        examples = os.path.abspath(
-            os.path.join(os.path.dirname(__file__), os.pardir, "examples")
-        )
-        if examples not in sys.path:
-            sys.path.insert(0, examples)
-        return importlib.import_module("digits").build_cnn()
+        from elsa_tf.experiments import zoo
+
+        return zoo.build("cnn", (8, 8, 1), 10)
     if name == "mobilenet_v2":
         return keras.applications.MobileNetV2(
             weights=None, input_shape=(mobilenet_size, mobilenet_size, 3), alpha=1.0

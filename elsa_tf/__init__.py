@@ -27,6 +27,7 @@ _EXPORTS = {
     "ElsaWrapper": "elsa_tf.wrapper",
     "PrunableLayer": "elsa_tf.prunable",
     "export_tflite": "elsa_tf.export",
+    "recalibrate_batch_norm": "elsa_tf.batch_norm",
 }
 
 __all__ = sorted(_EXPORTS)

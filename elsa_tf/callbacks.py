@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from elsa_tf import model_ops
+from elsa_tf import batch_norm, model_ops
 from elsa_tf.optimizer import FreezingOptimizer
 
 
@@ -87,6 +87,11 @@ class LevelScheduler(keras.callbacks.Callback):
             level; None trains every level left.
         steps_per_epoch: steps in an epoch, needed only when `fit` cannot
             tell (a dataset of unknown length).
+        recalibration_data: training inputs (an array, or a dataset of
+            inputs or `(x, y)`), not augmented. When given, BatchNormalization
+            moving statistics are re-estimated on them at the end of every
+            level, before it is frozen (`elsa_tf.recalibrate_batch_norm`).
+            Not part of the config: pass it again to a restored scheduler.
 
     Example:
 
@@ -98,8 +103,15 @@ class LevelScheduler(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, epochs_per_level: int, levels=None, steps_per_epoch=None):
+    def __init__(
+        self,
+        epochs_per_level: int,
+        levels=None,
+        steps_per_epoch=None,
+        recalibration_data=None,
+    ):
         super().__init__()
+        self.recalibration_data = recalibration_data
         self.epochs_per_level = check_epochs_per_level(epochs_per_level)
         self.levels = None if levels is None else list(levels)
         if steps_per_epoch is not None:
@@ -123,6 +135,7 @@ class LevelScheduler(keras.callbacks.Callback):
             )
         self._steps = int(steps)
         self._epoch = 0
+        self._offset = None  # set by the first epoch
         self._prune_at = {}
         # The FreezingOptimizer checked above keeps unused weights at zero, so
         # the wrappers may train on their raw weights (no mask in the step).
@@ -134,20 +147,31 @@ class LevelScheduler(keras.callbacks.Callback):
         model_ops.reset_compiled_functions(self.model)
 
     def _level_index(self):
-        return self._epoch // self.epochs_per_level
+        return (self._epoch - self._offset) // self.epochs_per_level
 
     def on_epoch_begin(self, epoch, logs=None):
+        first = self._offset is None
+        if first:
+            # fit's `initial_epoch` resumes an interrupted run: the epoch it
+            # starts at falls in the model's current level (the first to
+            # train), `initial_epoch % epochs_per_level` epochs into it.
+            self._offset = epoch - epoch % self.epochs_per_level
+        self._epoch = epoch
         if self._level_index() >= len(self._levels):
             self.model.stop_training = True
             return
         self._epoch_in_level = self._epoch % self.epochs_per_level
-        if self._epoch_in_level == 0:
-            self._start_level(self._levels[self._level_index()])
+        if self._epoch_in_level == 0 or first:
+            self._start_level(
+                self._levels[self._level_index()], fresh=self._epoch_in_level == 0
+            )
 
-    def _start_level(self, level):
+    def _start_level(self, level, fresh: bool):
         model = self.model
         model_ops.set_view_level(model, level)
-        model.optimizer.reset()
+        if fresh:
+            # A resumed level keeps the optimizer state it was saved with.
+            model.optimizer.reset()
         level_steps = self.epochs_per_level * self._steps
         target = model_ops.sparsities(model)[level]
         schedule = model_ops.wrappers(model)[0].schedule.build(target, level_steps)
@@ -160,8 +184,10 @@ class LevelScheduler(keras.callbacks.Callback):
             model_ops.prune_to(self.model, sparsity)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._epoch += 1
+        self._epoch = epoch + 1
         if self._epoch % self.epochs_per_level == 0:
+            if self.recalibration_data is not None:
+                batch_norm.recalibrate_batch_norm(self.model, self.recalibration_data)
             model_ops.finish_level(self.model)
             model_ops.reset_compiled_functions(self.model, in_fit=True)
             if self._level_index() >= len(self._levels):

@@ -64,7 +64,10 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
         # as a constant), so resetting costs no copy of the optimizer state.
         self._initial_values = []
         for v in self.inner_optimizer.variables:
-            value = keras.ops.convert_to_numpy(v.value)
+            # `numpy()`, not `np.array(v.value)`: under a tf.distribute
+            # strategy's scope, NumPy cannot convert a scalar MirroredVariable
+            # (the iteration count, the learning rate).
+            value = v.numpy()
             flat = value.reshape(-1)
             if flat.size and np.all(flat == flat[0]):
                 self._initial_values.append(flat[0])
@@ -87,7 +90,7 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
     # LossScaleOptimizer does).
     def save_own_variables(self, store):
         for i, v in enumerate(self._variables):
-            store[str(i)] = keras.ops.convert_to_numpy(v.value)
+            store[str(i)] = v.numpy()  # see _record_initial_values
 
     def load_own_variables(self, store):
         if len(store.keys()) != len(self._variables):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from elsa_tf import model_ops
 from elsa_tf.callbacks import LevelScheduler, check_epochs_per_level, resolve_levels
@@ -39,6 +40,8 @@ def fit(
     loss,
     metrics=None,
     levels=None,
+    initial_epoch: int = 0,
+    recalibration_data=None,
     **fit_kwargs,
 ) -> list:
     """Trains the levels of an embedded model in order, sparsest first.
@@ -61,6 +64,14 @@ def fit(
         metrics: metrics, as for `keras.Model.compile`.
         levels: the levels to train, consecutive from the model's current
             level; None trains all the levels left.
+        initial_epoch: epochs the first level has already trained, to resume
+            a run interrupted mid-level. The model must be the one saved then,
+            compiled with its `FreezingOptimizer` (as `keras.saving.load_model`
+            returns it): that level carries on with the saved optimizer state.
+        recalibration_data: training inputs, not augmented (an array, or a
+            dataset of inputs or `(x, y)`): BatchNormalization statistics are
+            re-estimated on them at the end of every level, before it is
+            frozen, so that short levels do not freeze lagging statistics.
         **fit_kwargs: passed to `keras.Model.fit` (`batch_size`,
             `validation_data`, `callbacks`, `steps_per_epoch`, ...).
 
@@ -76,32 +87,57 @@ def fit(
     epochs_per_level = check_epochs_per_level(epochs_per_level)
     levels = resolve_levels(model, levels)
     make_optimizer = _optimizer_factory(optimizer)
-    for reserved in ("epochs", "initial_epoch"):
-        if reserved in fit_kwargs:
-            raise TypeError(
-                f"elsa_tf.fit sets {reserved} itself from epochs_per_level. "
-                f"Received: {reserved}={fit_kwargs[reserved]!r}"
-            )
+    if (
+        isinstance(initial_epoch, bool)
+        or not isinstance(initial_epoch, (int, np.integer))
+        or not 0 <= initial_epoch < epochs_per_level
+    ):
+        raise ValueError(
+            f"initial_epoch must be an int in [0, epochs_per_level="
+            f"{epochs_per_level}). Received: initial_epoch={initial_epoch!r}"
+        )
+    optimizer_now = getattr(model, "optimizer", None)
+    if initial_epoch and not isinstance(optimizer_now, FreezingOptimizer):
+        raise ValueError(
+            "Resuming a level (initial_epoch > 0) needs the model saved "
+            "mid-level, compiled with its elsa_tf.FreezingOptimizer. Received: "
+            f"optimizer={optimizer_now!r}"
+        )
+    if "epochs" in fit_kwargs:
+        raise TypeError(
+            "elsa_tf.fit sets epochs itself from epochs_per_level. "
+            f"Received: epochs={fit_kwargs['epochs']!r}"
+        )
     user_callbacks = list(fit_kwargs.pop("callbacks", None) or [])
     histories = []
-    for level in levels:
-        inner = make_optimizer()
-        if not isinstance(inner, keras.optimizers.Optimizer):
-            raise TypeError(
-                "The optimizer factory must return a keras.optimizers.Optimizer. "
-                f"Received: {inner!r}"
-            )
-        model.compile(optimizer=FreezingOptimizer(inner), loss=loss, metrics=metrics)
+    for i, level in enumerate(levels):
+        start = initial_epoch if i == 0 else 0
+        if not start:
+            # Under the strategy the model was built with (tf.distribute), as
+            # Keras wants an optimizer made and compiled: then this function,
+            # like `model.fit`, may be called outside `strategy.scope()`.
+            with model.distribute_strategy.scope():
+                inner = make_optimizer()
+                if not isinstance(inner, keras.optimizers.Optimizer):
+                    raise TypeError(
+                        "The optimizer factory must return a "
+                        f"keras.optimizers.Optimizer. Received: {inner!r}"
+                    )
+                model.compile(
+                    optimizer=FreezingOptimizer(inner), loss=loss, metrics=metrics
+                )
         scheduler = LevelScheduler(
             epochs_per_level,
             levels=[level],
             steps_per_epoch=fit_kwargs.get("steps_per_epoch"),
+            recalibration_data=recalibration_data,
         )
         histories.append(
             model.fit(
                 x,
                 y,
                 epochs=epochs_per_level,
+                initial_epoch=start,
                 callbacks=[scheduler, *user_callbacks],
                 **fit_kwargs,
             )

@@ -317,7 +317,9 @@ class ElsaWrapper(keras.layers.Wrapper):
                     1
                 ].numpy()
             else:
-                values[id(w)] = keras.ops.convert_to_numpy(w.value)
+                # Not np.array(w.value): NumPy cannot convert a scalar
+                # MirroredVariable inside a tf.distribute strategy's scope.
+                values[id(w)] = w.numpy()
         return [values[id(w)] for w in self.layer.weights]
 
     def finish_level(self):

@@ -11,11 +11,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import elsa_tf  # noqa: E402, F401  (registers the serializable classes)
+from elsa_tf.experiments import zoo  # noqa: E402
 
 # The examples are importable from the tests (they are thin mains over
 # functions the tests call).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits import build_cnn as digits_cnn  # noqa: E402, F401
+
+
+def digits_cnn(num_classes: int = 10) -> keras.Model:
+    """The digits CNN of the main job (conv/BN x2, pool, Dense x2), 8x8x1."""
+    return zoo.build("cnn", (8, 8, 1), num_classes)
 
 
 @pytest.fixture(autouse=True)

@@ -53,6 +53,41 @@ def test_split_calls_train_like_one_call():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+class _SaveAt(keras.callbacks.Callback):
+    """Saves the model after `epochs` epochs of `level`, as a checkpoint would."""
+
+    def __init__(self, path, level, epochs):
+        super().__init__()
+        self.path, self.level, self.epochs = path, level, epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._level = model_ops.current_level(self.model)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._level == self.level and epoch + 1 == self.epochs:
+            self.model.save(self.path)
+
+
+@pytest.mark.parametrize("interrupted_after", [1, 2])
+def test_resuming_mid_level_trains_like_an_uninterrupted_run(
+    tmp_path, interrupted_after
+):
+    base = cnn_with_bn()
+    reference = _fresh(base)
+    path = tmp_path / "checkpoint.keras"
+    _fit(reference, callbacks=[_SaveAt(path, 1, interrupted_after)])
+    # epochs_per_level=2 in _fit: interrupted_after=2 stops right at the end
+    # of level 1, which the checkpoint already records as finished.
+    resumed = keras.saving.load_model(path)
+    level = model_ops.current_level(resumed)
+    assert level == (1 if interrupted_after == 1 else 2)
+    frozen = elsa_tf.extract(resumed, 0).predict(image_data()[0], verbose=0)
+    _fit(resumed, levels=list(range(level, 3)), initial_epoch=interrupted_after % 2)
+    np.testing.assert_array_equal(_predictions(resumed)[0], frozen)
+    for a, b in zip(_predictions(reference), _predictions(resumed)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_plain_model_fit_with_scheduler_matches_elsa_fit():
     base = cnn_with_bn()
     reference = _fresh(base)
@@ -73,6 +108,42 @@ def test_plain_model_fit_with_scheduler_matches_elsa_fit():
     )
     assert model_ops.current_level(plain) == len(SPARSITIES)
     for a, b in zip(_predictions(reference), _predictions(plain)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_plain_model_fit_resumes_at_its_initial_epoch(tmp_path):
+    """A run saved 3 epochs in (level 1, 1 epoch into it) resumed by
+    `model.fit(initial_epoch=3)`, as `keras.callbacks.BackupAndRestore` does."""
+    x, y = image_data()
+    path = tmp_path / "checkpoint.keras"
+
+    class SaveAfterEpoch3(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                self.model.save(path)
+
+    def plain_fit(model, initial_epoch, callbacks=()):
+        model.fit(
+            x,
+            y,
+            epochs=2 * len(SPARSITIES),
+            initial_epoch=initial_epoch,
+            batch_size=32,
+            shuffle=False,
+            verbose=0,
+            callbacks=[elsa_tf.LevelScheduler(epochs_per_level=2), *callbacks],
+        )
+
+    reference = _fresh(cnn_with_bn())
+    reference.compile(
+        optimizer=elsa_tf.FreezingOptimizer(keras.optimizers.Adam(0.01)), loss=LOSS
+    )
+    plain_fit(reference, 0, [SaveAfterEpoch3()])
+    resumed = keras.saving.load_model(path)
+    assert model_ops.current_level(resumed) == 1
+    plain_fit(resumed, 3)
+    assert model_ops.current_level(resumed) == len(SPARSITIES)
+    for a, b in zip(_predictions(reference), _predictions(resumed)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -210,6 +281,9 @@ def test_pruning_is_gradual_and_frozen_weights_are_never_candidates():
         ({"optimizer": "nope"}, ValueError, "nope"),
         ({"optimizer": keras.optimizers.Adam}, TypeError, "optimizer="),
         ({"epochs": 3}, TypeError, "epochs=3"),
+        ({"initial_epoch": 1, "epochs_per_level": 2}, ValueError, "compiled with"),
+        ({"initial_epoch": 2, "epochs_per_level": 2}, ValueError, "initial_epoch=2"),
+        ({"initial_epoch": -1}, ValueError, "initial_epoch=-1"),
     ],
 )
 def test_fit_rejects_bad_arguments(kwargs, error, message):

@@ -1,6 +1,6 @@
 """Builds the exports the on-device tests read (needs TensorFlow).
 
-Trains the digits CNN of examples/digits.py for three levels, exports it in
+Trains the zoo's digits CNN on scikit-learn's digits for three levels, exports it in
 every quantization mode, and saves the inputs and the outputs of
 `extract(model, level)` beside them, so tests without TensorFlow can compare.
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -23,15 +22,16 @@ REFERENCE = "reference.npz"
 def make(out_dir, epochs_per_level: int = 3) -> str:
     """Writes `out_dir/<mode>/` exports and `out_dir/reference.npz`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     import keras
-    from digits import build_cnn, load_digits
 
     import elsa_tf
+    from elsa_tf.experiments import datasets, zoo
 
     keras.utils.set_random_seed(0)
-    x_train, y_train, x_test, y_test = load_digits(0)
-    model = elsa_tf.embed(build_cnn(), SPARSITIES, selection="global")
+    x_train, y_train, x_test, y_test = datasets.digits_split(0)
+    model = elsa_tf.embed(
+        zoo.build("cnn", (8, 8, 1), 10), SPARSITIES, selection="global"
+    )
     elsa_tf.fit(
         model,
         x_train,

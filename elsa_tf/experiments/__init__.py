@@ -1,0 +1,1 @@
+"""The training program's library side: model zoo, datasets, baseline, report."""

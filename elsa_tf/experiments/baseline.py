@@ -1,0 +1,300 @@
+"""The independent baseline: one tfmot-pruned tf_keras model per sparsity.
+
+What a user would do without ELSA: for every sparsity, build the model afresh,
+prune it with tfmot's `prune_low_magnitude` while it trains, `strip_pruning`,
+and convert it to TFLite. Each model gets what one ELSA level gets: the same
+number of epochs, a fresh optimizer from the same factory, and the same tfmot
+schedule (`LevelSchedule.build(target, steps)`) over its own steps, so the
+comparison differs only in ELSA's nesting.
+
+tfmot prunes Keras 2 models, so the models are built with `tf_keras`; the
+optimizer factory comes from `optimizers.factory(..., backend="tf_keras")`.
+tfmot is imported through `elsa_tf.schedules`, which keeps it from switching
+the process's `tf.keras` to Keras 2 for later imports; Keras 3 training in the
+same process is unaffected (tested).
+
+Which weights are pruned is tfmot's choice, not elsa_tf's: `prune_low_magnitude`
+on a whole model prunes the kernels its registry lists (Dense, Conv1D/2D/3D and
+their transposes, Embedding, the pointwise kernel of SeparableConv, the
+projections of MultiHeadAttention), each layer to the target on its own. It
+leaves `DepthwiseConv2D` dense, where `elsa_tf.embed` prunes depthwise kernels
+too; and it raises for a layer its registry does not know.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from elsa_tf import batch_norm, export, schedules
+
+# Probe inputs on which a sparse TFLite file must match the dense one, as in
+# `elsa_tf.export`.
+_PROBE_SAMPLES = 16
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int. Received: {name}={value!r}")
+    return int(value)
+
+
+def _check_sparsities(sparsities) -> list[float]:
+    try:
+        values = [] if isinstance(sparsities, (str, bytes)) else list(sparsities)
+    except TypeError:
+        values = []
+    if not values:
+        raise ValueError(
+            "sparsities must be a non-empty list of numbers in [0, 1). "
+            f"Received: sparsities={sparsities!r}"
+        )
+    for s in values:
+        if (
+            isinstance(s, bool)
+            or not isinstance(s, (int, float, np.floating, np.integer))
+            or not 0.0 <= s < 1.0
+        ):
+            raise ValueError(
+                "Each sparsity must be a number in [0, 1) (0 trains a dense "
+                f"model). Received: sparsities={sparsities!r}"
+            )
+    return [float(s) for s in values]
+
+
+def _steps_per_epoch(train, num_train: int, batch_size: int) -> int:
+    """Batches in one epoch of `train`, as `fit` will count them."""
+    cardinality = int(train.cardinality())
+    if cardinality > 0:
+        return cardinality
+    return max(math.ceil(num_train / batch_size), 1)
+
+
+def _pruned_weights(model) -> list:
+    """The variables tfmot prunes in a model wrapped by `prune_low_magnitude`.
+
+    The wrapper class is not exported by tfmot; its `pruning_vars` attribute,
+    `(weight, mask, threshold)` per pruned weight, is what its callbacks use.
+    """
+    return [
+        weight
+        for layer in model.submodules
+        for weight, _, _ in getattr(layer, "pruning_vars", ())
+    ]
+
+
+def _sparsity(weights) -> tuple[float, int]:
+    """Fraction of exact zeros over `weights`, and their number of elements."""
+    size = sum(int(np.prod(w.shape)) for w in weights)
+    zeros = sum(int(np.sum(w.numpy() == 0)) for w in weights)
+    return (zeros / size if size else 0.0), size
+
+
+def _to_tflite(model, probe: np.ndarray) -> tuple[bytes, bool]:
+    """Float32 TFLite bytes and whether sparse, by `elsa_tf.export`'s rule:
+    sparse encoding when it is smaller and gives the dense file's outputs."""
+    dense = export._convert(model, None, None, False)
+    sparse = export._convert(model, None, None, True)
+    if export._sparse_is_better(sparse, dense, None, probe):
+        return sparse, True
+    return dense, False
+
+
+def train_independent(
+    build: Callable[[], object],
+    dataset,
+    sparsities: Iterable[float],
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: Callable[[], object],
+    schedule: schedules.LevelSchedule,
+    seed: int,
+    augment: bool = True,
+    recalibration_data=None,
+    workdir: str | None = None,
+    verbose: int = 0,
+) -> list[dict]:
+    """Trains one tfmot-pruned tf_keras model per sparsity, from scratch.
+
+    For each sparsity in turn: seed with `tf_keras.utils.set_random_seed(seed)`
+    (Python, numpy and TensorFlow's global generators, so every model starts
+    from the same initial weights and sees the same batches), `build()` the
+    model, wrap it with `prune_low_magnitude(model, schedule.build(target,
+    epochs * steps_per_epoch))` (none at sparsity 0: a plain dense model),
+    train `epochs` epochs with `optimizer()` and tfmot's `UpdatePruningStep`,
+    `strip_pruning`, evaluate on the test split and convert to TFLite. The
+    process's global generators are left seeded: seed again before training
+    anything else that should not depend on the baseline having run.
+
+    Args:
+        build: makes a fresh, uncompiled `tf_keras.Model` that outputs logits,
+            e.g. `lambda: zoo.build(name, shape, classes, backend="tf_keras")`.
+        dataset: an `elsa_tf.experiments.datasets.Dataset`, or any object with
+            its `train(batch_size, *, seed, augment)`, `test(batch_size)` and
+            `num_train`.
+        sparsities: one target sparsity per model, each in [0, 1); the list
+            index is the reported `level`, so pass ELSA's sparsities in ELSA's
+            order to line the rows up.
+        epochs: epochs per model (ELSA's `epochs_per_level`).
+        batch_size: batch size for training and evaluation.
+        optimizer: zero-argument factory of tf_keras optimizers, e.g.
+            `optimizers.factory("adam", 1e-3, backend="tf_keras")`.
+        schedule: the `LevelSchedule` (or anything `elsa_tf.schedules.get`
+            accepts) that ELSA uses inside each level.
+        seed: seeds the initial weights and the order of the batches.
+        augment: passed to `dataset.train`.
+        recalibration_data: training inputs, not augmented: when given, each
+            trained model's BatchNormalization statistics are re-estimated on
+            them (`elsa_tf.recalibrate_batch_norm`), as ELSA does at the end
+            of each level; counted in `train_seconds`.
+        workdir: when given, the TFLite files are written to
+            `workdir/baseline/level{k}_sparsity{s:.2f}.tflite`.
+        verbose: passed to `fit`.
+
+    Returns:
+        One dict per sparsity: `level`, `target_sparsity`, `achieved_sparsity`
+        (fraction of exact zeros over the weights tfmot prunes),
+        `prunable_params` (their number), `accuracy` (top-1 on the test
+        split), `train_seconds` (wall time of `fit`), `tflite_bytes`
+        (float32; sparse encoding when smaller and exact, as
+        `elsa_tf.export`), `sparse_encoding`, and `tflite_path` when
+        `workdir` is given.
+
+    Raises:
+        ValueError: for empty sparsities or one outside [0, 1), or epochs or
+            batch_size that is not a positive int.
+        TypeError: when `build` or `optimizer` is not callable, or returns
+            something other than a tf_keras model or optimizer.
+
+    Example:
+
+    ```python
+    rows = train_independent(
+        lambda: zoo.build("cnn", data.input_shape, data.num_classes,
+                          backend="tf_keras"),
+        data, [0.9, 0.5, 0.0], epochs=5, batch_size=128,
+        optimizer=optimizers.factory("adam", 1e-3, backend="tf_keras"),
+        schedule=elsa_tf.LevelSchedule(), seed=0)
+    ```
+    """
+    sparsities = _check_sparsities(sparsities)
+    epochs = _check_positive_int("epochs", epochs)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    for name, value in (("build", build), ("optimizer", optimizer)):
+        if not callable(value):
+            raise TypeError(
+                f"{name} must be a zero-argument callable. Received: {name}={value!r}"
+            )
+    schedule = schedules.get(schedule)
+    out_dir = None
+    if workdir is not None:
+        out_dir = os.path.join(os.fspath(workdir), "baseline")
+        os.makedirs(out_dir, exist_ok=True)
+    return [
+        _train_one(
+            level,
+            target,
+            build=build,
+            dataset=dataset,
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            schedule=schedule,
+            seed=seed,
+            augment=augment,
+            recalibration_data=recalibration_data,
+            out_dir=out_dir,
+            verbose=verbose,
+        )
+        for level, target in enumerate(sparsities)
+    ]
+
+
+def _train_one(
+    level: int,
+    target: float,
+    *,
+    build,
+    dataset,
+    epochs,
+    batch_size,
+    optimizer,
+    schedule,
+    seed,
+    augment,
+    recalibration_data,
+    out_dir,
+    verbose,
+) -> dict:
+    sparsity = schedules._tfmot_sparsity()  # Before tf_keras: see the module doc.
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(seed)
+    model = build()
+    if not isinstance(model, tf_keras.Model):
+        raise TypeError(
+            "build must return a tf_keras.Model (tfmot prunes Keras 2 models; "
+            'zoo.build takes backend="tf_keras"). '
+            f"Received: {type(model).__module__}.{type(model).__name__}"
+        )
+    train = dataset.train(batch_size, seed=seed, augment=augment)
+    callbacks = []
+    if target > 0:
+        steps = epochs * _steps_per_epoch(train, dataset.num_train, batch_size)
+        model = sparsity.prune_low_magnitude(
+            model, pruning_schedule=schedule.build(target, steps)
+        )
+        callbacks.append(sparsity.UpdatePruningStep())
+    opt = optimizer()
+    if not isinstance(
+        opt, (tf_keras.optimizers.Optimizer, tf_keras.optimizers.legacy.Optimizer)
+    ):
+        raise TypeError(
+            "optimizer must return a tf_keras optimizer (optimizers.factory(..., "
+            'backend="tf_keras")). '
+            f"Received: {type(opt).__module__}.{type(opt).__name__}"
+        )
+    loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
+    start = time.perf_counter()
+    model.fit(train, epochs=epochs, callbacks=callbacks, verbose=verbose)
+    train_seconds = time.perf_counter() - start
+
+    if target > 0:
+        pruned = _pruned_weights(model)
+        model = sparsity.strip_pruning(model)  # Keeps the same layer objects.
+    else:
+        # The weights tfmot would prune: wrapping shares the model's variables.
+        pruned = _pruned_weights(sparsity.prune_low_magnitude(model))
+    if recalibration_data is not None:
+        start = time.perf_counter()
+        batch_norm.recalibrate_batch_norm(model, recalibration_data)
+        train_seconds += time.perf_counter() - start
+    achieved, size = _sparsity(pruned)
+    model.compile(loss=loss, metrics=["accuracy"])
+    accuracy = model.evaluate(dataset.test(batch_size), verbose=0, return_dict=True)
+    probe = next(iter(dataset.test(_PROBE_SAMPLES)))[0]
+    content, sparse = _to_tflite(model, np.asarray(probe, np.float32))
+    file_name = export.level_file_name(level, target)
+    export._check_runs(content, f"baseline {file_name}")
+    row = {
+        "level": level,
+        "target_sparsity": target,
+        "achieved_sparsity": achieved,
+        "prunable_params": size,
+        "accuracy": float(accuracy["accuracy"]),
+        "train_seconds": train_seconds,
+        "tflite_bytes": len(content),
+        "sparse_encoding": sparse,
+    }
+    if out_dir is not None:
+        path = os.path.join(out_dir, file_name)
+        with open(path, "wb") as f:
+            f.write(content)
+        row["tflite_path"] = path
+    return row

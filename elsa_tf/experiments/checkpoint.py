@@ -1,0 +1,105 @@
+"""Checkpoints after every epoch, so that an interrupted run can resume.
+
+A checkpoint is the whole embedded model saved with Keras (`.keras`: weights,
+level maps, the level reached, and the compiled `FreezingOptimizer` with its
+state) plus `checkpoint.json`, which names the file and says where training
+stands: the level being trained and the epochs it has done. The model file is
+written under a new name first and `checkpoint.json` is replaced atomically
+after it, so a run killed at any moment leaves a readable checkpoint: the new
+one or the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import keras
+
+from elsa_tf import model_ops
+
+STATE_FILE = "checkpoint.json"
+
+
+def latest(directory) -> dict | None:
+    """The state of the newest checkpoint in `directory`, or None.
+
+    The state has `path` (the model file), `level` (the level to train next,
+    equal to the number of levels once training is over), `epoch_in_level`
+    (epochs that level has done), `epochs` (all epochs done) and
+    `train_seconds` (training time so far).
+    """
+    state_path = os.path.join(directory, STATE_FILE)
+    if not os.path.exists(state_path):
+        return None
+    with open(state_path) as f:
+        state = json.load(f)
+    state["path"] = os.path.join(directory, state["file"])
+    if not os.path.exists(state["path"]):
+        raise FileNotFoundError(
+            f"{state_path} names a model file that is missing: {state['path']}"
+        )
+    return state
+
+
+def save(model, directory, state: dict) -> dict:
+    """Saves `model` and `state` as the newest checkpoint; drops older ones."""
+    os.makedirs(directory, exist_ok=True)
+    previous = latest(directory)
+    number = (previous or {}).get("number", -1) + 1
+    file = f"model-{number:05d}.keras"
+    model.save(os.path.join(directory, file))
+    state = {**state, "number": number, "file": file}
+    tmp = os.path.join(directory, STATE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(tmp, os.path.join(directory, STATE_FILE))
+    for name in os.listdir(directory):
+        if name.startswith("model-") and name != file:
+            os.remove(os.path.join(directory, name))
+    return {**state, "path": os.path.join(directory, file)}
+
+
+def load(state: dict):
+    """The model of a checkpoint, compiled with its saved optimizer state."""
+    return keras.saving.load_model(state["path"])
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Saves a checkpoint at the end of every epoch of `elsa_tf.fit`.
+
+    Place it after the `LevelScheduler` (as `elsa_tf.fit` does with user
+    callbacks), so that a level's last epoch is saved with the level finished.
+
+    Args:
+        directory: where checkpoints go.
+        epochs_per_level: epochs in a level.
+        epochs: epochs done before this run (a resumed run's count).
+        train_seconds: training time before this run.
+    """
+
+    def __init__(self, directory, epochs_per_level: int, epochs=0, train_seconds=0.0):
+        super().__init__()
+        self.directory = os.fspath(directory)
+        self.epochs_per_level = epochs_per_level
+        self.epochs = epochs
+        self.train_seconds = train_seconds
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Saving is not training time: the clock stops before it.
+        self.train_seconds += time.perf_counter() - self._start
+        self.epochs += 1
+        save(
+            self.model,
+            self.directory,
+            {
+                "level": model_ops.current_level(self.model),
+                "epoch_in_level": (epoch + 1) % self.epochs_per_level,
+                "epochs": self.epochs,
+                "train_seconds": self.train_seconds,
+            },
+        )

@@ -1,0 +1,82 @@
+"""`LevelProgress`: the level in view while training, and TensorBoard per level.
+
+At the start of every level it prints which level trains, at what sparsity
+and how many weights it may use; at the end of every epoch it adds the
+level's achieved sparsity to the epoch's logs (so Keras's progress bar shows
+it) and writes the logs under `log_dir/level_<k>` for TensorBoard.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import tensorflow as tf
+
+from elsa_tf import model_ops
+
+
+def level_sparsity(model, level: int) -> float:
+    """The fraction of prunable weights that `level` does not use (yet)."""
+    counts = model_ops.level_counts(model)
+    total = sum(c["size"] for c in counts)
+    return 1.0 - sum(c["kept"][level] for c in counts) / total
+
+
+class LevelProgress(keras.callbacks.Callback):
+    """Prints each level's header; logs loss, accuracy and sparsity per level.
+
+    Place it after the `LevelScheduler` (as `elsa_tf.fit` places user
+    callbacks) and before Keras's progress bar, which Keras adds last.
+
+    Args:
+        log_dir: TensorBoard directory, or None for no TensorBoard logs.
+        verbose: print a header line at the start of each level.
+    """
+
+    def __init__(self, log_dir=None, verbose: bool = True):
+        super().__init__()
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.verbose = verbose
+        self._writers = {}
+        self._announced = None
+
+    def _writer(self, level: int):
+        if level not in self._writers:
+            path = os.path.join(self.log_dir, f"level_{level}")
+            self._writers[level] = tf.summary.create_file_writer(path)
+        return self._writers[level]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        model = self.model
+        self._level = model_ops.current_level(model)
+        if self.verbose and self._level != self._announced:
+            sparsities = model_ops.sparsities(model)
+            counts = model_ops.level_counts(model)
+            total = sum(c["size"] for c in counts)
+            print(
+                f"Level {self._level} of {len(sparsities)}: target sparsity "
+                f"{sparsities[self._level]:.2%}, "
+                f"{round(total * (1 - sparsities[self._level])):,} of {total:,} "
+                "prunable weights",
+                flush=True,
+            )
+            self._announced = self._level
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs["sparsity"] = level_sparsity(self.model, self._level)
+        if self.log_dir is None:
+            return
+        with self._writer(self._level).as_default(step=epoch):
+            for name, value in logs.items():
+                tf.summary.scalar(name, float(value))
+            tf.summary.scalar(
+                "learning_rate",
+                float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            )
+
+    def on_train_end(self, logs=None):
+        for writer in self._writers.values():
+            writer.flush()

@@ -1,0 +1,116 @@
+"""recalibrate_batch_norm: moving statistics become the batches' average."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import LOSS, cnn_with_bn, image_data
+
+import elsa_tf
+from elsa_tf import model_ops
+
+
+def _dense_bn():
+    return keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(2, name="dense", kernel_initializer="ones"),
+            keras.layers.BatchNormalization(name="bn", momentum=0.9),
+        ]
+    )
+
+
+def test_moving_statistics_are_the_average_of_the_batch_statistics():
+    model = _dense_bn()
+    x = np.arange(24, dtype="float32").reshape(8, 3)
+    assert elsa_tf.recalibrate_batch_norm(model, x, batch_size=4) == 1
+    h = x.sum(axis=1, keepdims=True) * np.ones((1, 2))  # the Dense outputs
+    first, second = h[:4], h[4:]
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        bn.moving_variance.numpy(), (first.var(axis=0) + second.var(axis=0)) / 2
+    )
+    assert bn.momentum == 0.9  # restored
+    np.testing.assert_array_equal(model.get_layer("dense").kernel.numpy(), 1.0)
+
+
+def test_a_dataset_of_pairs_and_tf_keras_models_work():
+    import tensorflow as tf
+    import tf_keras
+
+    model = tf_keras.Sequential(
+        [tf_keras.Input((3,)), tf_keras.layers.BatchNormalization(momentum=0.9)]
+    )
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(64, 3)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, np.zeros(64))).batch(16)
+    elsa_tf.recalibrate_batch_norm(model, data)
+    bn = model.layers[0]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), x.mean(axis=0), rtol=1e-5)
+
+
+def test_frozen_normalization_of_finished_levels_is_left_alone():
+    x, y = image_data()
+    model = elsa_tf.embed(cnn_with_bn(), [0.5, 0.0])
+    elsa_tf.fit(
+        model,
+        x,
+        y,
+        levels=[0],
+        epochs_per_level=1,
+        optimizer="adam",
+        loss=LOSS,
+        verbose=0,
+    )
+    before = elsa_tf.extract(model, 0).predict(x, verbose=0)
+    bn = model_ops.wrappers(model)[1].layer
+    mean = bn.moving_mean.numpy()
+    elsa_tf.recalibrate_batch_norm(model, x * 3.0 + 1.0)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), mean)
+    after = elsa_tf.extract(model, 0).predict(x, verbose=0)
+    np.testing.assert_array_equal(after, before)
+
+
+@pytest.mark.parametrize("shared", ["freeze", "per_level"])
+def test_fit_recalibrates_each_level_before_freezing_it(shared):
+    x, y = image_data()
+    model = elsa_tf.embed(cnn_with_bn(), [0.8, 0.0], shared=shared)
+    elsa_tf.fit(
+        model,
+        x,
+        y,
+        epochs_per_level=1,
+        optimizer="adam",
+        loss=LOSS,
+        recalibration_data=x,
+        verbose=0,
+    )
+    # Level 0's statistics are those of its own network on x: recalibrating
+    # the extracted level again changes nothing.
+    level0 = elsa_tf.extract(model, 0)
+    bn = level0.get_layer("bn")
+    mean, variance = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+    elsa_tf.recalibrate_batch_norm(level0, x)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        bn.moving_variance.numpy(), variance, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_model_without_normalization_is_untouched():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    assert elsa_tf.recalibrate_batch_norm(model, np.ones((4, 3), "float32")) == 0
+
+
+@pytest.mark.parametrize(
+    "data, kwargs, message",
+    [
+        (np.zeros((0, 3), "float32"), {}, "no batch"),
+        (np.ones((4, 3), "float32"), {"batch_size": 0}, "batch_size=0"),
+        (np.ones((4, 3), "float32"), {"batch_size": 2.0}, "batch_size=2.0"),
+    ],
+)
+def test_bad_arguments(data, kwargs, message):
+    model = _dense_bn()
+    with pytest.raises(ValueError, match=message):
+        elsa_tf.recalibrate_batch_norm(model, data, **kwargs)
+    assert model.get_layer("bn").momentum == 0.9
