@@ -60,7 +60,7 @@ def exported(tmp_path_factory):
 def test_export_tool_main_writes_the_levels_and_prints_them(exported, tmp_path, capsys):
     out = tmp_path / "export"
     with flagsaver.flagsaver(
-        model=exported["model"],
+        model_path=exported["model"],
         out=str(out),
         levels=["0", "2"],
         evaluation_data=exported["data"],
@@ -102,10 +102,10 @@ def test_export_tool_rejects_bad_input(exported, tmp_path):
     model, out = exported["model"], str(tmp_path / "out")
     with pytest.raises(ValueError, match="quantization='int4'"):
         export_tflite.run(model, out, quantization="int4")
-    with flagsaver.flagsaver(model=model, out=out, quantization="int4"):
+    with flagsaver.flagsaver(model_path=model, out=out, quantization="int4"):
         with pytest.raises(ValueError, match="quantization='int4'"):
             export_tflite.main(["export_tflite.py"])
-    with flagsaver.flagsaver(model=model, out=None):
+    with flagsaver.flagsaver(model_path=model, out=None):
         with pytest.raises(app.UsageError, match="--out=None"):
             export_tflite.main(["export_tflite.py"])
     with pytest.raises(ValueError, match="representative_data=None"):

@@ -1,8 +1,8 @@
 r"""Export every level of a saved embedded model to TFLite.
 
-    python tools/export_tflite.py --model=/tmp/elsa_digits/model.keras \
-        --out=/tmp/elsa_digits/tflite
-    python tools/export_tflite.py --model=model.keras --out=export_int8 \
+    python tools/export_tflite.py --model_path=/tmp/elsa_train/model.keras \
+        --out=/tmp/elsa_train/tflite
+    python tools/export_tflite.py --model_path=model.keras --out=export_int8 \
         --quantization=int8 --representative_data=calibration.npz \
         --evaluation_data=test.npz --levels=0,2 --overwrite
 
@@ -27,12 +27,20 @@ FLAGS = flags.FLAGS
 # `model` and `out` are also defined by tools/inspect_model.py; allow_override
 # lets the tests import both tools into one process (each runs alone otherwise).
 flags.DEFINE_string(
-    "model", None, "Path of a saved embedded .keras model.", allow_override=True
+    "model_path", None, "Path of a saved embedded .keras model.", allow_override=True
 )
 flags.DEFINE_string(
     "out", None, "Directory to write the export to.", allow_override=True
 )
-flags.DEFINE_string("quantization", "float32", f"One of {', '.join(QUANTIZATIONS)}.")
+# Also defined, identically, by the training program (elsa-train), which the
+# tests import into the same process.
+flags.DEFINE_enum(
+    "quantization",
+    "float32",
+    QUANTIZATIONS,
+    "TFLite quantization of the export.",
+    allow_override=True,
+)
 flags.DEFINE_list("levels", None, "Levels to export, e.g. 0,2; default all.")
 flags.DEFINE_string(
     "representative_data", None, ".npz with inputs `x` for int8 calibration."
@@ -193,14 +201,14 @@ def table(manifest: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS.model or not FLAGS.out:
+    if not FLAGS.model_path or not FLAGS.out:
         raise app.UsageError(
-            "--model (the saved embedded model) and --out (the export "
-            f"directory) are required. Received: --model={FLAGS.model!r}, "
+            "--model_path (the saved embedded model) and --out (the export "
+            f"directory) are required. Received: --model_path={FLAGS.model_path!r}, "
             f"--out={FLAGS.out!r}"
         )
     manifest = run(
-        FLAGS.model,
+        FLAGS.model_path,
         FLAGS.out,
         quantization=FLAGS.quantization,
         levels=parse_levels(FLAGS.levels),

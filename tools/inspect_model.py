@@ -1,7 +1,7 @@
 r"""Inspect a saved embedded model, and extract one of its levels.
 
-    python tools/inspect_model.py --model=/tmp/elsa_digits/model.keras --per_layer
-    python tools/inspect_model.py --model=/tmp/elsa_digits/model.keras \
+    python tools/inspect_model.py --model_path=/tmp/elsa_train/model.keras --per_layer
+    python tools/inspect_model.py --model_path=/tmp/elsa_train/model.keras \
         --extract_level=1 --out=/tmp/level1.keras
 
 Prints `elsa_tf.summary` of the model; with `--extract_level`, writes that
@@ -15,7 +15,7 @@ import os
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Path of a saved embedded .keras model.")
+flags.DEFINE_string("model_path", None, "Path of a saved embedded .keras model.")
 flags.DEFINE_bool("per_layer", False, "Also print every prunable weight.")
 flags.DEFINE_integer("extract_level", None, "A level to extract into --out.")
 flags.DEFINE_string("out", None, "Where to save the extracted level (.keras).")
@@ -49,9 +49,9 @@ def run(model_path: str, per_layer: bool = False, extract_level=None, out=None):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS.model:
+    if not FLAGS.model_path:
         raise app.UsageError("--model is required: the saved embedded model.")
-    print(run(FLAGS.model, FLAGS.per_layer, FLAGS.extract_level, FLAGS.out))
+    print(run(FLAGS.model_path, FLAGS.per_layer, FLAGS.extract_level, FLAGS.out))
     if FLAGS.extract_level is not None:
         print(f"Level {FLAGS.extract_level} saved to {FLAGS.out}")
 

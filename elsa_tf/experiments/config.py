@@ -20,7 +20,7 @@ SPARSIFIERS = ("gradual_magnitude",)
 SCHEDULES = ("polynomial_decay", "constant")
 SELECTIONS = ("global", "per_layer")
 SHARED_MODES = ("freeze", "per_level")
-QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
 BASELINES = ("none", "independent")
 DISTRIBUTIONS = ("none", "mirrored")
 AUTO = "auto"
@@ -147,7 +147,7 @@ class Config:
     recalibrate_bn: bool = True
     augment: bool = True
     export_tflite: bool = True
-    quantization: str = "none"
+    quantization: str = "float32"
     baseline: str = "none"
     distribution: str = "none"
     seed: int = 0

@@ -101,11 +101,14 @@ flags.DEFINE_bool("augment", _D.augment, "Standard augmentation (CIFAR only).")
 flags.DEFINE_bool(
     "export_tflite", _D.export_tflite, "Export every level and a bundle to TFLite."
 )
+# Also defined, identically, by tools/export_tflite.py, which the tests
+# import into the same process.
 flags.DEFINE_enum(
     "quantization",
-    _D.quantization,
-    list(config_lib.QUANTIZATIONS),
+    "float32",
+    config_lib.QUANTIZATIONS,
     "TFLite quantization of the export.",
+    allow_override=True,
 )
 flags.DEFINE_enum(
     "baseline",

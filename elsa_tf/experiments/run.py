@@ -173,7 +173,7 @@ def export(config: Config, model, data, workdir: str) -> tuple[dict, list]:
     manifest = elsa_tf.export_tflite(
         model,
         out_dir,
-        quantization=None if config.quantization == "none" else config.quantization,
+        quantization=None if config.quantization == "float32" else config.quantization,
         representative_data=representative,
         evaluation_data=(x_test, y_test),
         overwrite=True,
