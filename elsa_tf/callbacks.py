@@ -17,17 +17,15 @@ from elsa_tf import batch_norm, model_ops
 from elsa_tf.optimizer import FreezingOptimizer
 
 
+def check_positive_int(name: str, value) -> int:
+    """`value` as an int; ValueError naming `name` unless it is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int. Received: {name}={value!r}")
+    return int(value)
+
+
 def check_epochs_per_level(epochs_per_level) -> int:
-    if (
-        isinstance(epochs_per_level, bool)
-        or not isinstance(epochs_per_level, (int, np.integer))
-        or epochs_per_level < 1
-    ):
-        raise ValueError(
-            "epochs_per_level must be a positive int. "
-            f"Received: epochs_per_level={epochs_per_level!r}"
-        )
-    return int(epochs_per_level)
+    return check_positive_int("epochs_per_level", epochs_per_level)
 
 
 def resolve_levels(model, levels) -> list[int]:

@@ -31,16 +31,11 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from elsa_tf import batch_norm, export, schedules
+from elsa_tf.callbacks import check_positive_int
 
 # Probe inputs on which a sparse TFLite file must match the dense one, as in
 # `elsa_tf.export`.
 _PROBE_SAMPLES = 16
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int. Received: {name}={value!r}")
-    return int(value)
 
 
 def _check_sparsities(sparsities) -> list[float]:
@@ -183,8 +178,8 @@ def train_independent(
     ```
     """
     sparsities = _check_sparsities(sparsities)
-    epochs = _check_positive_int("epochs", epochs)
-    batch_size = _check_positive_int("batch_size", batch_size)
+    epochs = check_positive_int("epochs", epochs)
+    batch_size = check_positive_int("batch_size", batch_size)
     for name, value in (("build", build), ("optimizer", optimizer)):
         if not callable(value):
             raise TypeError(

@@ -13,14 +13,7 @@ import os
 import keras
 import tensorflow as tf
 
-from elsa_tf import model_ops
-
-
-def level_sparsity(model, level: int) -> float:
-    """The fraction of prunable weights that `level` does not use (yet)."""
-    counts = model_ops.level_counts(model)
-    total = sum(c["size"] for c in counts)
-    return 1.0 - sum(c["kept"][level] for c in counts) / total
+from elsa_tf import model_ops, reporting
 
 
 class LevelProgress(keras.callbacks.Callback):
@@ -51,13 +44,11 @@ class LevelProgress(keras.callbacks.Callback):
         model = self.model
         self._level = model_ops.current_level(model)
         if self.verbose and self._level != self._announced:
-            sparsities = model_ops.sparsities(model)
-            counts = model_ops.level_counts(model)
-            total = sum(c["size"] for c in counts)
+            rows = reporting.summary(model)
+            target, total = rows[self._level]["target_sparsity"], rows[0]["total"]
             print(
-                f"Level {self._level} of {len(sparsities)}: target sparsity "
-                f"{sparsities[self._level]:.2%}, "
-                f"{round(total * (1 - sparsities[self._level])):,} of {total:,} "
+                f"Level {self._level} of {len(rows)}: target sparsity "
+                f"{target:.2%}, {round(total * (1 - target)):,} of {total:,} "
                 "prunable weights",
                 flush=True,
             )
@@ -66,7 +57,10 @@ class LevelProgress(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        logs["sparsity"] = level_sparsity(self.model, self._level)
+        # What the level uses so far (reporting.summary's achieved sparsity).
+        logs["sparsity"] = reporting.summary(self.model)[self._level][
+            "achieved_sparsity"
+        ]
         if self.log_dir is None:
             return
         with self._writer(self._level).as_default(step=epoch):

@@ -92,7 +92,9 @@ def _build(config: Config, data) -> keras.Model:
     )
 
 
-def train(config: Config, workdir: str, data, *, resume: bool, verbose) -> tuple:
+def train(
+    config: Config, workdir: str, data, *, resume: bool, verbose, recalibration_data
+) -> tuple:
     """Trains (or finishes training) every level; returns (model, seconds)."""
     directory = os.path.join(workdir, "checkpoints")
     state = checkpoint.latest(directory) if resume else None
@@ -128,7 +130,7 @@ def train(config: Config, workdir: str, data, *, resume: bool, verbose) -> tuple
                 metrics=["accuracy"],
                 levels=list(range(state["level"], num_levels)),
                 initial_epoch=state["epoch_in_level"],
-                recalibration_data=_recalibration_data(config, data),
+                recalibration_data=recalibration_data,
                 shuffle=False,  # the pipeline shuffles, seeded
                 validation_data=data.test(max(config.batch_size, 256)),
                 callbacks=[
@@ -188,7 +190,9 @@ def export(config: Config, model, data, workdir: str) -> tuple[dict, list]:
     return manifest, latencies
 
 
-def run_baseline(config: Config, data, workdir: str, verbose) -> list[dict]:
+def run_baseline(
+    config: Config, data, workdir: str, verbose, recalibration_data
+) -> list[dict]:
     """The independent tfmot baseline: one separately pruned model per level."""
     from elsa_tf.experiments import baseline
 
@@ -215,7 +219,7 @@ def run_baseline(config: Config, data, workdir: str, verbose) -> list[dict]:
         workdir=workdir,
         verbose=verbose,
         augment=config.augment,
-        recalibration_data=_recalibration_data(config, data),
+        recalibration_data=recalibration_data,
     )
 
 
@@ -243,7 +247,15 @@ def train_and_evaluate(
     _prepare_workdir(config, workdir, resume)
     keras.utils.set_random_seed(config.seed)
     data = datasets.load(config.dataset, data_dir=config.data_dir, seed=config.seed)
-    model, seconds = train(config, workdir, data, resume=resume, verbose=verbose)
+    recalibration_data = _recalibration_data(config, data)
+    model, seconds = train(
+        config,
+        workdir,
+        data,
+        resume=resume,
+        verbose=verbose,
+        recalibration_data=recalibration_data,
+    )
 
     x_test, y_test = data.test_arrays()
     accuracies = evaluate(model, x_test, y_test)
@@ -252,7 +264,7 @@ def train_and_evaluate(
         manifest, latencies = export(config, model, data, workdir)
     baseline_rows = None
     if config.baseline == "independent":
-        baseline_rows = run_baseline(config, data, workdir, verbose)
+        baseline_rows = run_baseline(config, data, workdir, verbose, recalibration_data)
 
     levels = []
     for row in elsa_tf.summary(model):
