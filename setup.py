@@ -26,6 +26,10 @@ setup(
         "tensorflow-model-optimization>=0.8.1,<0.9",
         "tf-keras>=2.21,<2.22",
         "numpy",
+        # elsa-train and the tools parse their flags with absl (TensorFlow
+        # needs it too). What else a run needs is in the "examples" extra,
+        # and elsa-train names it at start-up when a run needs it.
+        "absl-py",
     ],
     extras_require={
         # The training program (elsa-train, examples/, benchmarks/): datasets,
@@ -49,6 +53,9 @@ setup(
             "matplotlib",
             "tensorboard",
             "ruff",
+            # Any-model tests build tiny keras_hub models from constructor
+            # arguments (BERT, GPT-2, ViT); nothing is downloaded.
+            "keras-hub>=0.32,<0.33",
             "ai-edge-litert",
         ],
         # On-device runtimes for elsa_tf.lite. A device without TensorFlow

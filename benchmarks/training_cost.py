@@ -63,7 +63,19 @@ import numpy as np  # noqa: E402
 from _output import write_json
 from absl import app, flags  # noqa: E402
 
-ARCHS = ("cnn", "mlp")
+ARCHS = ("cnn", "mlp", "bert")
+# keras_hub models exist in Keras 3 only: no tf_keras / tfmot side for them.
+KERAS3_ONLY = ("bert",)
+# The keras_hub encoder: BERT at a small size, built from constructor
+# arguments (never from_preset, which downloads).
+BERT = dict(
+    vocabulary_size=1000,
+    num_layers=2,
+    num_heads=4,
+    hidden_dim=64,
+    intermediate_dim=256,
+    max_sequence_length=32,
+)
 # Timed for every architecture, in this order, once per repeat.
 MAIN_CONFIGS = ("keras", "elsa_fit", "tf_keras", "tfmot")
 # What each configuration is compared with.
@@ -76,7 +88,9 @@ LABELS = {
 }
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("archs", list(ARCHS), "Architectures to measure: cnn, mlp.")
+flags.DEFINE_list(
+    "archs", list(ARCHS), "Architectures to measure: cnn, mlp, bert (keras_hub)."
+)
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer(
     "steps_per_epoch", 40, "Steps per epoch; the random data hold this many batches."
@@ -125,14 +139,36 @@ def _input_shape(arch):
 
 def _build(keras_module, arch, seed):
     keras_module.utils.set_random_seed(seed)
+    if arch == "bert":
+        import keras_hub
+
+        backbone = keras_hub.models.BertBackbone(**BERT)
+        return keras_hub.models.BertTextClassifier(
+            backbone=backbone, num_classes=10, preprocessor=None
+        )
     return keras_module.Sequential(
         [keras_module.Input(_input_shape(arch)), *_layers(keras_module, arch)],
         name=arch,
     )
 
 
+def _head(x, n):
+    """The first `n` examples of an array or of a dict of arrays."""
+    if isinstance(x, dict):
+        return {k: v[:n] for k, v in x.items()}
+    return x[:n]
+
+
 def _data(arch, n, seed):
     rng = np.random.default_rng(seed)
+    if arch == "bert":
+        length = BERT["max_sequence_length"]
+        x = {
+            "token_ids": rng.integers(0, BERT["vocabulary_size"], (n, length)),
+            "padding_mask": np.ones((n, length), "int32"),
+            "segment_ids": np.zeros((n, length), "int32"),
+        }
+        return x, rng.integers(0, 10, size=n)
     x = rng.random((n, *_input_shape(arch)), dtype=np.float32)
     return x, rng.integers(0, 10, size=n)
 
@@ -378,7 +414,7 @@ def _profile_models(arch, x, y, batch_size, sparsities, seed):
             # Finish the earlier levels on two batches, through the public API.
             elsa_tf.fit(
                 model,
-                x[: 2 * batch_size],
+                _head(x, 2 * batch_size),
                 y[: 2 * batch_size],
                 levels=list(range(level)),
                 epochs_per_level=1,
@@ -433,7 +469,7 @@ def _interleaved_profile(
     ratios cancel the drift and contention that dominate separate runs.
     """
     models = _profile_models(arch, x, y, batch_size, sparsities, seed)
-    xb, yb = x[:batch_size], y[:batch_size]
+    xb, yb = _head(x, batch_size), y[:batch_size]
     times = {name: [] for name in models}
     for r in range(warmup + rounds):
         for name, model in models.items():
@@ -691,8 +727,10 @@ def run(
         results["tfmot_import"] = _in_fresh_process(_tfmot_import_worker)
     begin, end, frequency = _schedule_steps(epochs_per_level * steps_per_epoch)
     results["config"]["mask_updates_per_level"] = len(range(begin, end + 1, frequency))
-    configs = MAIN_CONFIGS
     for arch in archs:
+        configs = tuple(
+            c for c in MAIN_CONFIGS if arch not in KERAS3_ONLY or c not in BASELINE
+        )
         x, y = _data(arch, steps_per_epoch * batch_size, seed)
         runs = {c: [] for c in configs}
         for r in range(repeats):

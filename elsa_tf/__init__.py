@@ -12,7 +12,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "embed": "elsa_tf.embedding",
@@ -24,7 +24,7 @@ _EXPORTS = {
     "FreezingOptimizer": "elsa_tf.optimizer",
     "LevelScheduler": "elsa_tf.callbacks",
     "LevelSchedule": "elsa_tf.schedules",
-    "ElsaWrapper": "elsa_tf.wrapper",
+    "ElsaModel": "elsa_tf.elsa_model",
     "PrunableLayer": "elsa_tf.prunable",
     "export_tflite": "elsa_tf.export",
     "recalibrate_batch_norm": "elsa_tf.batch_norm",
@@ -51,6 +51,37 @@ def _register_serializables():
     # the modules that register them must be imported before a model is loaded.
     for module in sorted(set(_EXPORTS.values()) - {"elsa_tf.export"}):
         importlib.import_module(module)
+    # Loading a file saved by elsa_tf 0.1 then fails with a clear message.
+    importlib.import_module("elsa_tf.legacy")
+
+
+_keras_loaded = False  # the Keras module has been executed
+
+
+def _initializing(name: str) -> bool:
+    spec = getattr(sys.modules.get(name), "__spec__", None)
+    return bool(getattr(spec, "_initializing", False))
+
+
+def _register_when_ready(finished: str) -> None:
+    """Registers now, unless one of our modules is still being imported.
+
+    Keras can be imported while an elsa_tf module is half executed: that
+    module imports TensorFlow, and TensorFlow touches `keras` at the end of
+    its own import. Importing our other modules then would meet the half
+    one. So registration waits until the last of our modules being imported
+    has finished (`finished` is the module finishing now).
+    """
+    busy = [
+        name
+        for name in list(sys.modules)
+        if name.startswith("elsa_tf.") and name != finished and _initializing(name)
+    ]
+    if busy:
+        return
+    for finder in [f for f in sys.meta_path if isinstance(f, _RegisterAfterKeras)]:
+        sys.meta_path.remove(finder)
+    _register_serializables()
 
 
 class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
@@ -58,21 +89,35 @@ class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
 
     `import elsa_tf` must not import TensorFlow (the on-device runtime has
     none), yet `keras.saving.load_model` must find our classes after
-    `import elsa_tf`: so registration waits for Keras to be imported.
+    `import elsa_tf`, whatever is imported next and in which order: so
+    registration runs once the Keras module is executed, or, if that happens
+    in the middle of importing one of our modules, once that one is done
+    (until then, this finder also watches our modules' imports). A mere
+    probe, `importlib.util.find_spec("keras")` (which `import tensorflow`
+    does), changes nothing.
     """
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "keras":
+        is_keras = fullname == "keras"
+        if not is_keras and not fullname.startswith("elsa_tf."):
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        spec = None
+        for finder in list(sys.meta_path):
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
+            global _keras_loaded
             exec_module(module)
-            _register_serializables()
+            _keras_loaded = _keras_loaded or is_keras
+            if _keras_loaded and self in sys.meta_path:
+                _register_when_ready(fullname)
 
         spec.loader.exec_module = exec_then_register
         return spec

@@ -1,12 +1,23 @@
 """The one place elsa_tf touches Keras internals.
 
-Keras 3 has no public way to tell a Functional model from a subclassed one
-(`keras.Model(inputs, outputs)` returns a `Functional` instance whose class is
-not exported), and cloning only works for the former.
+A layer does not list its sublayers publicly (`Model.layers` exists for
+models only), yet prunable weights sit inside composite layers (a keras_hub
+`TransformerEncoder`, a `MultiHeadAttention`). Keras 2 (tf_keras) layers have
+the same private method, which `batch_norm` relies on too.
 """
 
-from keras.src.models.functional import Functional  # no public alias
+
+def sublayers(layer) -> list:
+    """The layers `layer` tracks directly (its attributes, lists of layers)."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
-def is_functional(model) -> bool:
-    return isinstance(model, Functional)
+def copy_call_state(source, clone) -> None:
+    """Marks `clone` as called when `source` was.
+
+    `Model.export` refuses a subclassed model that was never called, even
+    though the copy was built from the source's recorded input shapes
+    (`build_from_config`), which are what `export` then reads.
+    """
+    if getattr(source, "_called", False):
+        clone._called = True

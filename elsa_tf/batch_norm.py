@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from elsa_tf import _keras_compat, constraints
+
 
 def _batch_norm_layers(model) -> list:
     """Every BatchNormalization layer in `model`, nested models included.
 
     Matched by class name, so that Keras 3 and tf_keras (Keras 2) layers are
-    both found, also inside elsa_tf wrappers.
+    both found, also inside an embedded model.
     """
     found, seen, stack = [], set(), [model]
     while stack:
@@ -31,10 +33,9 @@ def _batch_norm_layers(model) -> list:
         seen.add(id(layer))
         if type(layer).__name__ == "BatchNormalization":
             found.append(layer)
-        stack.extend(getattr(layer, "layers", None) or [])
-        inner = getattr(layer, "layer", None)
-        if inner is not None:
-            stack.append(inner)
+        # Sublayers of models and of composite layers alike (Keras 2 layers
+        # track them the same way).
+        stack.extend(_keras_compat.sublayers(layer))
     return found
 
 
@@ -54,8 +55,8 @@ def recalibrate_batch_norm(model, data, *, batch_size: int = 256) -> int:
     The moving mean and variance become the average, over the batches, of
     each batch's statistics, computed in training mode (each layer sees
     inputs normalized by the layers before it, as in training). Layers that
-    run in inference mode keep theirs: frozen layers, and an `ElsaWrapper`'s
-    normalization frozen with its finished levels.
+    run in inference mode keep theirs: frozen layers, which include an
+    embedded model's normalization frozen with its finished levels.
 
     Args:
         model: a Keras 3 or tf_keras model, embedded or not.
@@ -85,7 +86,8 @@ def recalibrate_batch_norm(model, data, *, batch_size: int = 256) -> int:
             # value the running mean of the batches' values.
             for layer in layers:
                 layer.momentum = seen / (seen + 1)
-            model(batch, training=True)
+            with constraints.internal_training():
+                model(batch, training=True)
             seen += 1
     finally:
         for layer, momentum in zip(layers, momenta):

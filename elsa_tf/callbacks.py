@@ -9,12 +9,15 @@ freshly reset optimizer.
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging as absl_logging
 
 from elsa_tf import batch_norm, model_ops
-from elsa_tf.optimizer import FreezingOptimizer
+from elsa_tf import optimizer as optimizer_lib
 
 
 def check_positive_int(name: str, value) -> int:
@@ -72,6 +75,24 @@ def _pruning_steps(schedule, level_steps: int) -> dict[int, float]:
     return {int(s): float(sparsity[s]) for s in np.flatnonzero(should)}
 
 
+def _print_level_header(model, level: int) -> None:
+    """One line before a level's epochs, as Keras prints `Epoch 1/3`."""
+    sizes = [c["size"] for c in model_ops.level_counts(model)]
+    total = sum(sizes)
+    target = model_ops.sparsities(model)[level]
+    message = (
+        f"Level {level} of {len(model_ops.sparsities(model))}: target sparsity "
+        f"{target:.2%}, {round(total * (1 - target)):,} of {total:,} prunable "
+        "weights"
+    )
+    # Where Keras's own progress goes: stdout, or absl's log when the user
+    # turned interactive logging off.
+    if keras.utils.is_interactive_logging_enabled():
+        print(message, flush=True)
+    else:
+        absl_logging.info(message)
+
+
 @keras.saving.register_keras_serializable(package="elsa_tf")
 class LevelScheduler(keras.callbacks.Callback):
     """Trains an embedded model's levels in turn during `model.fit`.
@@ -118,7 +139,7 @@ class LevelScheduler(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         model = self.model
-        if not isinstance(model.optimizer, FreezingOptimizer):
+        if not isinstance(model.optimizer, optimizer_lib.FreezingOptimizer):
             raise TypeError(
                 "LevelScheduler needs the model compiled with an "
                 "elsa_tf.FreezingOptimizer, or finished levels would change. "
@@ -136,7 +157,7 @@ class LevelScheduler(keras.callbacks.Callback):
         self._offset = None  # set by the first epoch
         self._prune_at = {}
         # The FreezingOptimizer checked above keeps unused weights at zero, so
-        # the wrappers may train on their raw weights (no mask in the step).
+        # the model may train on its raw weights (no mask in the step).
         model_ops.set_raw_training(model, True)
         model_ops.reset_compiled_functions(model, in_fit=True)
 
@@ -154,6 +175,7 @@ class LevelScheduler(keras.callbacks.Callback):
             # starts at falls in the model's current level (the first to
             # train), `initial_epoch % epochs_per_level` epochs into it.
             self._offset = epoch - epoch % self.epochs_per_level
+            self._check_epochs(epoch)
         self._epoch = epoch
         if self._level_index() >= len(self._levels):
             self.model.stop_training = True
@@ -164,15 +186,47 @@ class LevelScheduler(keras.callbacks.Callback):
                 self._levels[self._level_index()], fresh=self._epoch_in_level == 0
             )
 
+    def _check_epochs(self, initial_epoch: int) -> None:
+        """Warns when `fit`'s epochs do not end on the last level's end."""
+        epochs = (self.params or {}).get("epochs")
+        if epochs is None:
+            return
+        needed = len(self._levels) * self.epochs_per_level - (
+            initial_epoch % self.epochs_per_level
+        )
+        given = epochs - initial_epoch
+        if given < needed:
+            done = given + initial_epoch % self.epochs_per_level
+            level = self._levels[done // self.epochs_per_level]
+            warnings.warn(
+                f"model.fit(epochs={epochs}) ends {done % self.epochs_per_level} "
+                f"of {self.epochs_per_level} epochs into level {level}: that "
+                "level is left unfinished (not pruned to its target, not "
+                f"frozen). Train levels {self._levels} with epochs="
+                f"{initial_epoch + needed}, or resume it later with "
+                f"initial_epoch={initial_epoch + given}.",
+                stacklevel=2,
+            )
+        elif given > needed:
+            warnings.warn(
+                f"model.fit(epochs={epochs}) asks for {given - needed} epochs "
+                f"more than levels {self._levels} take at epochs_per_level="
+                f"{self.epochs_per_level}: training stops after epoch "
+                f"{initial_epoch + needed}.",
+                stacklevel=2,
+            )
+
     def _start_level(self, level, fresh: bool):
         model = self.model
         model_ops.set_view_level(model, level)
+        if fresh and (self.params or {}).get("verbose", 1):
+            _print_level_header(model, level)
         if fresh:
             # A resumed level keeps the optimizer state it was saved with.
             model.optimizer.reset()
         level_steps = self.epochs_per_level * self._steps
         target = model_ops.sparsities(model)[level]
-        schedule = model_ops.wrappers(model)[0].schedule.build(target, level_steps)
+        schedule = model_ops.owner(model).schedule.build(target, level_steps)
         self._prune_at = _pruning_steps(schedule, level_steps)
 
     def on_train_batch_begin(self, batch, logs=None):

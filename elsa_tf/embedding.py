@@ -6,17 +6,27 @@ from collections.abc import Callable, Iterable
 
 import keras
 
+from elsa_tf import _keras_compat, elsa_model, model_ops, schedules
 from elsa_tf import levels as levels_lib
-from elsa_tf import model_ops, schedules
 from elsa_tf import prunable as prunable_lib
-from elsa_tf._keras_compat import is_functional
-from elsa_tf.wrapper import SELECTIONS, SHARED_MODES, ElsaWrapper, check_option
+
+
+def _walk(model):
+    """Every layer inside `model`, sublayers of composite layers included."""
+    seen, stack = {id(model)}, list(reversed(_keras_compat.sublayers(model)))
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        yield layer
+        stack.extend(reversed(_keras_compat.sublayers(layer)))
 
 
 def _prune_predicate(model, prune) -> Callable[[keras.layers.Layer], bool]:
     """Turns the `prune` option into a predicate over layers."""
     if prune is None:
-        return prunable_lib.is_prunable
+        return lambda layer: True
     if isinstance(prune, type) or (
         isinstance(prune, tuple) and prune and all(isinstance(p, type) for p in prune)
     ):
@@ -37,7 +47,9 @@ def _prune_predicate(model, prune) -> Callable[[keras.layers.Layer], bool]:
                 "prune must be None, a layer class or tuple of classes, a list of "
                 f"layer names, or a predicate. Received: prune={prune!r}"
             )
-        known = {layer.name: layer for layer in model_ops.iter_layers(model)}
+        known = {}
+        for layer in _walk(model):
+            known.setdefault(layer.name, layer)
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(
@@ -60,35 +72,13 @@ def _prune_predicate(model, prune) -> Callable[[keras.layers.Layer], bool]:
     )
 
 
-def _copy_layer(layer):
-    """A built copy of `layer` with its weights."""
-    clone = layer.__class__.from_config(layer.get_config())
-    if getattr(layer, "weights", None):
-        build_config = layer.get_build_config()
-        if build_config is None:
-            raise ValueError(
-                f"Layer {layer.name!r} was built without a recorded input shape, "
-                "so it cannot be copied. Build the model by calling it on data "
-                "or on keras.Input first."
-            )
-        clone.build_from_config(build_config)
-        clone.set_weights(layer.get_weights())
-    return clone
-
-
-def _check_cloneable(model):
+def _check_model(model):
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model. Received: model={model!r}")
-    nested = [m for m in model_ops.iter_layers(model) if isinstance(m, keras.Model)]
-    for m in [model, *nested]:
-        if not isinstance(m, keras.Sequential) and not is_functional(m):
-            raise TypeError(
-                f"Cannot embed model {m.name!r}: it is a subclassed "
-                f"{type(m).__name__}, whose layers cannot be re-wired. Build it "
-                "as a Functional or Sequential model (keras.Input(...) -> "
-                "layers -> keras.Model(inputs, outputs)), or embed the "
-                "Functional / Sequential parts it is made of."
-            )
+    if isinstance(model, elsa_model.ElsaModel) or any(
+        isinstance(layer, elsa_model.ElsaModel) for layer in _walk(model)
+    ):
+        raise ValueError(f"Model {model.name!r} is already embedded.")
     if not model.built:
         raise ValueError(
             f"Model {model.name!r} is not built. Call it on data, or give it a "
@@ -96,21 +86,64 @@ def _check_cloneable(model):
         )
 
 
-def _clone(model, clone_function):
-    """`keras.models.clone_model`, recursive, returning an uncompiled model.
+def copy_model(model: keras.Model, values: dict | None = None) -> keras.Model:
+    """A copy of `model` made as Keras copies models, with weights.
 
-    clone_model compiles the clone like its source; a clone's compile
-    settings would carry the source's optimizer (a `FreezingOptimizer` for an
-    extracted level), so the source is presented as uncompiled meanwhile.
+    `keras.models.clone_model` keeps the class of a subclassed model and of
+    a Functional subclass with its own config (keras_hub's backbones and
+    tasks), which it rebuilds from that config, so a layer whose own config
+    does not round-trip is never rebuilt alone. The copy is uncompiled.
+
+    Args:
+        model: a built model.
+        values: optional `id(variable)` -> value for some of `model`'s
+            weights, written into the copy instead of their current values.
+
+    Raises:
+        ValueError: if the copy's weights do not match the model's.
     """
     compiled = model.compiled
+    # clone_model compiles the clone like its source, which would carry the
+    # source's optimizer (a FreezingOptimizer for a level being extracted).
     model.compiled = False
     try:
-        return keras.models.clone_model(
-            model, clone_function=clone_function, recursive=True
-        )
+        if type(model) in (keras.Sequential, keras.Model) or (
+            type(model).__name__ == "Functional"
+        ):
+            # Layer by layer, so custom layers need no registration.
+            clone = keras.models.clone_model(model)
+        else:
+            # Of its own class, from its own config, as Keras saves it.
+            clone = keras.saving.deserialize_keras_object(
+                keras.saving.serialize_keras_object(model),
+                custom_objects={type(model).__name__: type(model)},
+            )
+    except Exception as e:
+        raise ValueError(
+            f"Model {model.name!r} of type {type(model).__name__} cannot be "
+            "copied by keras.models.clone_model, which elsa_tf uses: give "
+            "its class a get_config() whose values re-create it (Keras's "
+            f"requirement for saving too). The error was: {e}"
+        ) from e
     finally:
         model.compiled = compiled
+    if not clone.built:
+        clone.build_from_config(model.get_build_config())
+    _keras_compat.copy_call_state(model, clone)
+    source, target = model.weights, clone.weights
+    if len(source) != len(target) or any(
+        tuple(s.shape) != tuple(t.shape) for s, t in zip(source, target)
+    ):
+        raise ValueError(
+            f"A copy of model {model.name!r} does not hold the same weights "
+            f"({len(target)} against {len(source)}): its get_config() does not "
+            "re-create it."
+        )
+    values = values or {}
+    for s, t in zip(source, target):
+        value = values.get(id(s))
+        t.assign(s.numpy() if value is None else value)
+    return clone
 
 
 def embed(
@@ -125,18 +158,22 @@ def embed(
 ) -> keras.Model:
     """Embeds nested sparse levels into a copy of `model`.
 
-    Every layer with weights is wrapped in an `ElsaWrapper`; the input model is
-    not modified. Train the result with `elsa_tf.fit`, then `extract` levels.
+    Returns an `ElsaModel` around a copy of `model`, holding a level map for
+    every prunable weight inside it, sublayers of composite layers included;
+    the input model is not modified. Train the result with `elsa_tf.fit`,
+    then `extract` levels.
 
     Args:
-        model: a built Functional or Sequential Keras model; nested models are
-            embedded too.
+        model: a built Keras model: Sequential, Functional, subclassed (its
+            class needs a `get_config()` that re-creates it, as Keras saving
+            does), keras.applications or keras_hub.
         sparsities: target sparsity of each level over the prunable weights,
             strictly decreasing, each in [0, 1): level 0 is the sparsest and
             0.0 means dense.
         prune: which layers to prune: None (every layer elsa_tf knows how to
             prune, see `PrunableLayer`), a layer class or tuple of classes, a
-            list of layer names, or a predicate `layer -> bool`. The weights of
+            list of layer names, or a predicate `layer -> bool`. A layer is
+            pruned when it, or a layer it sits in, is selected. The weights of
             the others are shared weights.
         selection: `"per_layer"` magnitude selection (each layer reaches the
             level's sparsity) or `"global"` (one magnitude ranking across all
@@ -165,10 +202,10 @@ def embed(
         The embedded model, uncompiled, at level 0.
 
     Raises:
-        TypeError: for a subclassed model or an option of the wrong type.
+        TypeError: for an option of the wrong type.
         ValueError: for bad sparsities, an unknown layer filter, a bad
-            `block_shape`, a model with no prunable layer, or a model already
-            embedded.
+            `block_shape`, a model with no prunable layer, an unbuilt model, a
+            model Keras cannot copy, or a model already embedded.
 
     Example:
 
@@ -178,40 +215,39 @@ def embed(
     [0.5, 0.0]
     """
     sparsities = levels_lib.validate_sparsities(sparsities)
-    _check_cloneable(model)
-    check_option("shared", shared, SHARED_MODES)
-    check_option("selection", selection, SELECTIONS)
+    _check_model(model)
+    elsa_model.check_option("shared", shared, elsa_model.SHARED_MODES)
+    elsa_model.check_option("selection", selection, elsa_model.SELECTIONS)
     block_shape = levels_lib.validate_block_shape(block_shape)
     schedule = schedules.get(schedule)
-    if any(True for _ in model_ops.iter_wrappers(model)):
-        raise ValueError(f"Model {model.name!r} is already embedded.")
     should_prune = _prune_predicate(model, prune)
-
-    def wrap(layer):
-        clone = _copy_layer(layer)
-        if not getattr(layer, "weights", None):
-            # Weightless layers and functional ops (`x + y`) need no levels.
-            return clone
-        return ElsaWrapper(
-            clone,
-            sparsities,
-            prune=bool(should_prune(layer)) and prunable_lib.is_prunable(layer),
-            shared=shared,
-            schedule=schedule,
-            selection=selection,
-            block_shape=block_shape,
-            name=f"elsa_{layer.name}",
-        )
-
-    embedded = _clone(model, wrap)
-    if not any(w.prunable_weights for w in model_ops.iter_wrappers(embedded)):
+    inner = copy_model(model)
+    # A weight is pruned when the layer that holds it, or any layer around
+    # that one (a block, a MultiHeadAttention), is selected by `prune`.
+    owners = prunable_lib.prunable_owners(inner)
+    selected = [
+        path
+        for path, chain, _ in owners
+        if any(should_prune(x) for x in chain[1:] or chain)
+    ]
+    if not selected:
         raise ValueError(
             f"Model {model.name!r} has no prunable layers selected by "
             f"prune={prune!r}. elsa_tf prunes Dense, EinsumDense, Conv*, "
-            "DepthwiseConv*, SeparableConv*, Embedding, MultiHeadAttention and "
-            "layers implementing get_prunable_weights()."
+            "DepthwiseConv*, SeparableConv*, Embedding, other layers' 'kernel' "
+            "and 'embeddings' variables, and layers implementing "
+            "get_prunable_weights(), inside any layer or model."
         )
-    return embedded
+    return elsa_model.ElsaModel(
+        inner,
+        sparsities,
+        prune=None if len(selected) == len(owners) else selected,
+        shared=shared,
+        schedule=schedule,
+        selection=selection,
+        block_shape=block_shape,
+        name=f"elsa_{model.name}",
+    )
 
 
 def extract(model: keras.Model, level: int) -> keras.Model:
@@ -222,25 +258,17 @@ def extract(model: keras.Model, level: int) -> keras.Model:
         level: the level to extract, in [0, number of levels).
 
     Returns:
-        An uncompiled model with the original architecture and no elsa_tf
-        objects, whose weights unused by `level` are zero. It predicts exactly what the
-        embedded model predicts at that level.
+        An uncompiled copy of the embedded model's inner model, of its class
+        (a subclassed model or a keras_hub task keeps its methods), with no
+        elsa_tf objects and the weights that `level` does not use at zero.
+        It predicts exactly what the embedded model predicts at that level.
 
     Raises:
         ValueError: if the model is not embedded or `level` is out of range.
     """
     model_ops.check_level(model, level)
-
-    def unwrap(layer):
-        if not isinstance(layer, ElsaWrapper):
-            return layer.__class__.from_config(layer.get_config())
-        inner = layer.layer
-        clone = inner.__class__.from_config(inner.get_config())
-        clone.build_from_config(inner.get_build_config())
-        clone.set_weights(layer.effective_weights(level))
-        return clone
-
-    return _clone(model, unwrap)
+    owner = model_ops.owner(model)
+    return copy_model(owner.inner_model, owner.effective_weights(level))
 
 
 def set_level(model: keras.Model, level: int) -> None:

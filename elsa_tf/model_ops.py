@@ -1,4 +1,4 @@
-"""Model-level level bookkeeping: find wrappers, prune a level, move levels.
+"""Model-level level bookkeeping: find the owner, prune a level, move levels.
 
 These functions act eagerly on an embedded model between training steps; the
 math itself lives in `elsa_tf.levels`.
@@ -6,60 +6,37 @@ math itself lives in `elsa_tf.levels`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import keras
 import numpy as np
 
-from elsa_tf import levels
-from elsa_tf.wrapper import ElsaWrapper
+from elsa_tf import elsa_model, levels
 
 
-def iter_layers(model: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
-    """Yields every layer inside `model`, nested models included, once, in order."""
-    seen = {id(model)}
-    stack = list(reversed(getattr(model, "layers", [])))
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        yield layer
-        if isinstance(layer, keras.Model):
-            stack.extend(reversed(layer.layers))
-
-
-def iter_wrappers(model: keras.layers.Layer) -> Iterator[ElsaWrapper]:
-    """Yields every `ElsaWrapper` in `model`, nested models included, once."""
-    return (layer for layer in iter_layers(model) if isinstance(layer, ElsaWrapper))
-
-
-def wrappers(model) -> list[ElsaWrapper]:
-    """The wrappers of an embedded model, in layer order.
+def owner(model):
+    """The `ElsaModel` that holds an embedded model's levels.
 
     Raises:
         TypeError: if `model` is not a Keras model.
-        ValueError: if `model` holds no `ElsaWrapper` (it is not embedded).
+        ValueError: if `model` is not embedded.
     """
+    if isinstance(model, elsa_model.ElsaModel):
+        return model
     if not isinstance(model, keras.Model):
         raise TypeError(f"Expected a keras.Model. Received: model={model!r}")
-    found = list(iter_wrappers(model))
-    if not found:
-        raise ValueError(
-            f"Model {model.name!r} is not embedded: it holds no elsa_tf level "
-            "maps. Call `elsa_tf.embed(model, sparsities=...)` first."
-        )
-    return found
+    raise ValueError(
+        f"Model {model.name!r} is not embedded: it holds no elsa_tf level "
+        "maps. Call `elsa_tf.embed(model, sparsities=...)` first."
+    )
 
 
 def sparsities(model) -> tuple[float, ...]:
     """The level sparsities of an embedded model."""
-    return wrappers(model)[0].sparsities
+    return owner(model).sparsities
 
 
 def current_level(model) -> int:
     """The level being trained; equals the number of finished levels."""
-    return wrappers(model)[0].current_level
+    return owner(model).current_level
 
 
 def check_level(model, level, name: str = "level") -> int:
@@ -76,8 +53,7 @@ def check_level(model, level, name: str = "level") -> int:
 def set_view_level(model, level: int) -> None:
     """Makes every wrapped layer compute with the weights of `level`."""
     check_level(model, level)
-    for w in wrappers(model):
-        w.set_view_level(level)
+    owner(model).set_view_level(level)
 
 
 def set_raw_training(model, enabled: bool) -> None:
@@ -87,12 +63,12 @@ def set_raw_training(model, enabled: bool) -> None:
     level does not use at zero; `LevelScheduler` turns it on for its run.
     Takes effect when the train step is next traced.
     """
-    for w in wrappers(model):
-        w._train_raw = bool(enabled)
+    owner(model).train_raw = bool(enabled)
 
 
 def _prunable(model):
-    return [(w, i) for w in wrappers(model) for i in range(len(w.prunable_weights))]
+    o = owner(model)
+    return [(o, i) for i in range(len(o.prunable_weights))]
 
 
 def _units(scores, level_map, level, block_shape):
@@ -143,7 +119,7 @@ def prune_to(model, sparsity, score=levels.magnitude) -> None:
 
     Only weights kept so far in the current level are candidates (pruning is
     monotone inside a level, as in gradual magnitude pruning); frozen weights
-    count as kept. Pruned weights are zeroed. Under the wrappers'
+    count as kept. Pruned weights are zeroed. Under the owner's
     `block_shape`, rank-2 weights are ranked and pruned in whole blocks, by
     mean score, and the kept count is the achievable one nearest the target
     (`levels.select_top_units`).
@@ -209,28 +185,29 @@ def finish_level(model) -> int:
     Returns:
         The index of the level just finished.
     """
-    ws = wrappers(model)
-    k = ws[0].current_level
-    prune_to(model, ws[0].sparsities[k])
-    for w in ws:
-        w.finish_level()
+    o = owner(model)
+    k = o.current_level
+    prune_to(model, o.sparsities[k])
+    o.finish_level()
     return k
 
 
 def level_counts(model) -> list[dict]:
     """Per prunable weight: its name, size and kept count at every level."""
+    o = owner(model)
     rows = []
-    for w in wrappers(model):
-        for weight, level_map in zip(w.prunable_weights, w.level_maps):
-            values = level_map.numpy()
-            rows.append(
-                {
-                    "layer": w.layer.name,
-                    "weight": weight.path,
-                    "size": int(values.size),
-                    "kept": levels.level_counts(values, w.num_levels).tolist(),
-                }
-            )
+    for path, weight, level_map in zip(
+        o.weight_owners, o.prunable_weights, o.level_maps
+    ):
+        values = level_map.numpy()
+        rows.append(
+            {
+                "layer": path,
+                "weight": weight.path,
+                "size": int(values.size),
+                "kept": levels.level_counts(values, o.num_levels).tolist(),
+            }
+        )
     return rows
 
 

@@ -3,7 +3,7 @@
 Masking gradients is not enough: momentum, Adam's moments and decoupled weight
 decay all move a weight whose gradient is zero. So variables frozen whole are
 not passed to the inner optimizer at all, and a prunable weight is projected
-after each update (`ElsaWrapper` docs): frozen entries are written back from a
+after each update (`ElsaModel` docs): frozen entries are written back from a
 copy taken just before, entries the level does not use go back to zero.
 """
 
@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from elsa_tf import wrapper as wrapper_lib
+from elsa_tf import constraints
 
 
 @keras.saving.register_keras_serializable(package="elsa_tf")
@@ -29,8 +29,12 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
     with a fresh optimizer.
 
     Args:
-        inner_optimizer: the `keras.optimizers.Optimizer` to wrap.
+        inner_optimizer: the `keras.optimizers.Optimizer` to wrap, or its
+            identifier as `model.compile` takes it (`"adam"`, a config dict).
         name: optional name.
+        **kwargs: none: base-optimizer arguments (`clipnorm`,
+            `weight_decay`, `use_ema`, ...) belong to the inner optimizer,
+            and are refused here rather than silently ignored.
 
     Example:
 
@@ -40,14 +44,23 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
     """
 
     def __init__(self, inner_optimizer, name: str | None = None, **kwargs):
+        if kwargs:
+            raise ValueError(
+                "FreezingOptimizer takes no base optimizer arguments; set them "
+                f"on the inner_optimizer. Received: {kwargs}"
+            )
+        if isinstance(inner_optimizer, (str, dict)):
+            # As model.compile(optimizer="adam") takes it.
+            inner_optimizer = keras.optimizers.get(inner_optimizer)
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(
-                "inner_optimizer must be a keras.optimizers.Optimizer instance. "
+                "inner_optimizer must be a keras.optimizers.Optimizer instance or "
+                "an optimizer name. "
                 f"Received: inner_optimizer={inner_optimizer!r}"
             )
         if isinstance(inner_optimizer, FreezingOptimizer):
             raise TypeError("inner_optimizer is already a FreezingOptimizer.")
-        super().__init__(learning_rate=0.0, name=name, **kwargs)
+        super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
         self._initial_values = None
 
@@ -111,11 +124,11 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
             self.built = True
         updates, projected = [], []
         for g, v in zip(grads, trainable_variables):
-            constraint = wrapper_lib.training_constraint(v)
-            if constraint is wrapper_lib.FROZEN:
+            constraint = constraints.training_constraint(v)
+            if constraint is constraints.FROZEN:
                 continue
             updates.append((g, v))
-            if constraint is not None:
+            if constraint is not constraints.FREE:
                 old = tf.identity(v.value) if constraint.needs_old else None
                 projected.append((v, constraint, old))
         if updates:

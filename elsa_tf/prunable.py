@@ -14,6 +14,8 @@ from typing import Protocol, runtime_checkable
 
 import keras
 
+from elsa_tf import _keras_compat
+
 
 @runtime_checkable
 class PrunableLayer(Protocol):
@@ -55,15 +57,11 @@ _REGISTRY: dict[type, tuple[str, ...]] = {
     keras.layers.Embedding: ("embeddings",),
 }
 
-# Layers made of registered sublayers: attribute names of those sublayers.
-_COMPOSITES: dict[type, tuple[str, ...]] = {
-    keras.layers.MultiHeadAttention: (
-        "query_dense",
-        "key_dense",
-        "value_dense",
-        "output_dense",
-    ),
-}
+# A layer that is neither registered nor a `PrunableLayer` and holds no
+# sublayers (keras_hub's `PositionEmbedding`, say) has its variables of these
+# names pruned, when they are at least rank 2: Keras and keras_hub name a
+# layer's connection weights so, and a rank-1 variable is a bias or a scale.
+_PRUNABLE_NAMES = ("kernel", "embeddings")
 
 
 def _registered_type(layer, table):
@@ -73,26 +71,8 @@ def _registered_type(layer, table):
     return None
 
 
-def is_prunable(layer: keras.layers.Layer) -> bool:
-    """Whether `layer` has weights elsa_tf knows how to prune."""
-    return (
-        isinstance(layer, PrunableLayer)
-        or _registered_type(layer, _REGISTRY) is not None
-        or _registered_type(layer, _COMPOSITES) is not None
-    )
-
-
-def get_prunable_weights(layer: keras.layers.Layer) -> list:
-    """The variables of a built `layer` that elsa_tf prunes.
-
-    Raises:
-        ValueError: if the layer is not built.
-        TypeError: if `layer` is neither registered nor a `PrunableLayer`, or
-            its `get_prunable_weights()` returns something that is not one of
-            its own variables.
-    """
-    if not layer.built:
-        raise ValueError(f"Layer {layer.name!r} must be built before pruning.")
+def _own_prunable_weights(layer) -> list | None:
+    """The weights `layer` itself declares prunable, or None to look inside."""
     if isinstance(layer, PrunableLayer):
         weights = list(layer.get_prunable_weights())
         own = {id(v) for v in layer.weights}
@@ -106,14 +86,85 @@ def get_prunable_weights(layer: keras.layers.Layer) -> list:
     cls = _registered_type(layer, _REGISTRY)
     if cls is not None:
         return [getattr(layer, name) for name in _REGISTRY[cls]]
-    cls = _registered_type(layer, _COMPOSITES)
-    if cls is not None:
-        weights = []
-        for name in _COMPOSITES[cls]:
-            weights.extend(get_prunable_weights(getattr(layer, name)))
-        return weights
-    raise TypeError(
-        f"Layer {layer.name!r} of type {type(layer).__name__} has no known "
-        "prunable weights. Implement `get_prunable_weights()` on it (see "
-        "`elsa_tf.PrunableLayer`) or leave it out of `prune`."
-    )
+    if not _keras_compat.sublayers(layer):
+        return [
+            w for w in layer.weights if w.name in _PRUNABLE_NAMES and len(w.shape) >= 2
+        ]
+    return None
+
+
+def prunable_owners(layer: keras.layers.Layer) -> list[tuple[str, list, list]]:
+    """The layers inside `layer` (itself included) that own prunable weights.
+
+    A registered layer or a `PrunableLayer` owns what it declares; any other
+    layer is looked into, sublayer by sublayer (a keras_hub
+    `TransformerEncoder`, a `MultiHeadAttention`, a user's block), down to
+    the layers that hold the weights.
+
+    Returns:
+        One `(path, chain, weights)` per owning layer, in tracking order:
+        `path` joins the layer names below `layer` with "/" ("" for `layer`
+        itself), `chain` lists the layers from `layer` down to the owner, and
+        `weights` are the owner's prunable variables. A variable reachable
+        twice (a shared sublayer) is listed once.
+    """
+    found, seen = [], set()
+
+    def visit(node, path, chain):
+        own = _own_prunable_weights(node)
+        if own is not None:
+            own = [w for w in own if id(w) not in seen]
+            seen.update(id(w) for w in own)
+            if own:
+                found.append((path, chain, own))
+            return
+        for sub in _keras_compat.sublayers(node):
+            visit(sub, f"{path}/{sub.name}" if path else sub.name, [*chain, sub])
+
+    visit(layer, "", [layer])
+    return found
+
+
+def is_prunable(layer: keras.layers.Layer) -> bool:
+    """Whether `layer`, or a layer inside it, has weights elsa_tf can prune."""
+    if isinstance(layer, PrunableLayer) or _registered_type(layer, _REGISTRY):
+        return True
+    if not layer.built:
+        return False
+    return bool(prunable_owners(layer))
+
+
+def get_prunable_weights(layer: keras.layers.Layer, owners=None) -> list:
+    """The variables of a built `layer` that elsa_tf prunes.
+
+    Args:
+        layer: a built layer.
+        owners: None for every prunable weight inside `layer`, or the paths
+            (see `prunable_owners`) of the layers whose weights to take.
+
+    Raises:
+        ValueError: if the layer is not built, or `owners` names a path that
+            owns no prunable weight.
+        TypeError: if `layer` has no prunable weight, or a `PrunableLayer`
+            returns a variable that is not its own.
+    """
+    if not layer.built:
+        raise ValueError(f"Layer {layer.name!r} must be built before pruning.")
+    found = prunable_owners(layer)
+    if not found:
+        raise TypeError(
+            f"Layer {layer.name!r} of type {type(layer).__name__} has no known "
+            "prunable weights. Implement `get_prunable_weights()` on it (see "
+            "`elsa_tf.PrunableLayer`) or leave it out of `prune`."
+        )
+    if owners is None:
+        return [w for _, _, weights in found for w in weights]
+    by_path = {path: weights for path, _, weights in found}
+    unknown = [p for p in owners if p not in by_path]
+    if unknown:
+        raise ValueError(
+            f"Layer {layer.name!r} has no prunable sublayers {unknown}; it has "
+            f"{sorted(by_path)}. Received: owners={list(owners)!r}"
+        )
+    wanted = set(owners)
+    return [w for path, _, weights in found if path in wanted for w in weights]

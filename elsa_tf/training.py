@@ -5,13 +5,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from elsa_tf import model_ops
-from elsa_tf.callbacks import LevelScheduler, check_epochs_per_level, resolve_levels
-from elsa_tf.optimizer import FreezingOptimizer
+from elsa_tf import callbacks, model_ops
+from elsa_tf import optimizer as optimizer_lib
 
 
 def _optimizer_factory(optimizer):
-    if isinstance(optimizer, FreezingOptimizer):
+    if isinstance(optimizer, optimizer_lib.FreezingOptimizer):
         raise TypeError(
             "Pass the plain Keras optimizer; elsa_tf.fit wraps it itself. "
             f"Received: optimizer={optimizer!r}"
@@ -83,9 +82,9 @@ def fit(
             `epochs_per_level` is invalid.
         TypeError: if `optimizer` is neither an optimizer nor a factory.
     """
-    model_ops.wrappers(model)
-    epochs_per_level = check_epochs_per_level(epochs_per_level)
-    levels = resolve_levels(model, levels)
+    model_ops.owner(model)  # Raises for a model that is not embedded.
+    epochs_per_level = callbacks.check_epochs_per_level(epochs_per_level)
+    levels = callbacks.resolve_levels(model, levels)
     make_optimizer = _optimizer_factory(optimizer)
     if (
         isinstance(initial_epoch, bool)
@@ -97,7 +96,7 @@ def fit(
             f"{epochs_per_level}). Received: initial_epoch={initial_epoch!r}"
         )
     optimizer_now = getattr(model, "optimizer", None)
-    if initial_epoch and not isinstance(optimizer_now, FreezingOptimizer):
+    if initial_epoch and not isinstance(optimizer_now, optimizer_lib.FreezingOptimizer):
         raise ValueError(
             "Resuming a level (initial_epoch > 0) needs the model saved "
             "mid-level, compiled with its elsa_tf.FreezingOptimizer. Received: "
@@ -124,9 +123,11 @@ def fit(
                         f"keras.optimizers.Optimizer. Received: {inner!r}"
                     )
                 model.compile(
-                    optimizer=FreezingOptimizer(inner), loss=loss, metrics=metrics
+                    optimizer=optimizer_lib.FreezingOptimizer(inner),
+                    loss=loss,
+                    metrics=metrics,
                 )
-        scheduler = LevelScheduler(
+        scheduler = callbacks.LevelScheduler(
             epochs_per_level,
             levels=[level],
             steps_per_epoch=fit_kwargs.get("steps_per_epoch"),

@@ -6,7 +6,6 @@ import pytest
 from conftest import LOSS, cnn_with_bn, image_data
 
 import elsa_tf
-from elsa_tf import model_ops
 
 
 def _dense_bn():
@@ -62,7 +61,7 @@ def test_frozen_normalization_of_finished_levels_is_left_alone():
         verbose=0,
     )
     before = elsa_tf.extract(model, 0).predict(x, verbose=0)
-    bn = model_ops.wrappers(model)[1].layer
+    bn = model.inner_model.get_layer("bn")
     mean = bn.moving_mean.numpy()
     elsa_tf.recalibrate_batch_norm(model, x * 3.0 + 1.0)
     np.testing.assert_array_equal(bn.moving_mean.numpy(), mean)

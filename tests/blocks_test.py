@@ -22,11 +22,11 @@ def _is_block_constant(level_map, block_shape=BLOCK):
 
 
 def _entries(model):
-    """(wrapper, weight, level map) of every prunable weight."""
+    """(owner, weight, level map) of every prunable weight."""
+    owner = model_ops.owner(model)
     return [
-        (w, weight, level_map)
-        for w in model_ops.wrappers(model)
-        for weight, level_map in zip(w.prunable_weights, w.level_maps)
+        (owner, weight, level_map)
+        for weight, level_map in zip(owner.prunable_weights, owner.level_maps)
     ]
 
 
@@ -152,10 +152,8 @@ def test_bad_block_shape(bad, error):
     message = "pair of positive ints.*Received: block_shape="
     with pytest.raises(error, match=message):
         elsa_tf.embed(mlp(), [0.5, 0.0], block_shape=bad)
-    layer = keras.layers.Dense(3)
-    layer.build((None, 4))
     with pytest.raises(error, match=message):
-        elsa_tf.ElsaWrapper(layer, [0.5, 0.0], block_shape=bad)
+        elsa_tf.ElsaModel(mlp(), [0.5, 0.0], block_shape=bad)
 
 
 def test_block_shape_survives_save_and_load(tmp_path):
@@ -163,9 +161,9 @@ def test_block_shape_survives_save_and_load(tmp_path):
     model_ops.finish_level(model)
     model.save(tmp_path / "blocks.keras")
     loaded = keras.saving.load_model(tmp_path / "blocks.keras")
-    for w in model_ops.wrappers(loaded):
-        assert w.block_shape == (4, 1)
-        assert w.get_config()["block_shape"] == [4, 1]
+    owner = model_ops.owner(loaded)
+    assert owner.block_shape == (4, 1)
+    assert owner.get_config()["block_shape"] == [4, 1]
     # The reloaded model goes on pruning in blocks, exactly as the original.
     for m in (model, loaded):
         _train_free_weights(m, np.random.default_rng(1))

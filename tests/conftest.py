@@ -79,12 +79,12 @@ def finish_levels(model, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     for _ in model_ops.sparsities(model):
-        for w in model_ops.wrappers(model):
-            for weight, level_map in zip(w.prunable_weights, w.level_maps):
-                free = level_map.numpy() == w.current_level
-                value = keras.ops.convert_to_numpy(weight.value)
-                value[free] = rng.normal(size=int(free.sum()))
-                weight.assign(value)
+        owner = model_ops.owner(model)
+        for weight, level_map in zip(owner.prunable_weights, owner.level_maps):
+            free = level_map.numpy() == owner.current_level
+            value = keras.ops.convert_to_numpy(weight.value)
+            value[free] = rng.normal(size=int(free.sum()))
+            weight.assign(value)
         model_ops.finish_level(model)
     return model
 

@@ -101,9 +101,9 @@ def _scenario() -> dict:
         return _max_diff(pairs)
 
     def effective(model, level):
-        return [
-            a for w in model_ops.wrappers(model) for a in w.effective_weights(level)
-        ]
+        owner = model_ops.owner(model)
+        values = owner.effective_weights(level)
+        return [values[id(v)] for v in owner.inner_model.weights]
 
     def predictions(model, level, x):
         return np.asarray(elsa_tf.extract(model, level)(x, training=False))
@@ -126,12 +126,12 @@ def _scenario() -> dict:
             model = self.model
             self.checks += 1
             current = model_ops.current_level(model)
-            for w in model_ops.wrappers(model):
-                for weight, level_map in zip(w.prunable_weights, w.level_maps):
-                    unused = weight.numpy()[level_map.numpy() > current]
-                    self.unused_max = max(
-                        self.unused_max, float(np.max(np.abs(unused), initial=0))
-                    )
+            owner = model_ops.owner(model)
+            for weight, level_map in zip(owner.prunable_weights, owner.level_maps):
+                unused = weight.numpy()[level_map.numpy() > current]
+                self.unused_max = max(
+                    self.unused_max, float(np.max(np.abs(unused), initial=0))
+                )
             for level, (before, _) in enumerate(self.finished):
                 self.frozen_change = max(
                     self.frozen_change,
@@ -189,15 +189,15 @@ def _scenario() -> dict:
         num = len(SPARSITIES)
         weights = [effective(model, k) for k in range(num)]
         logits = [predictions(model, k, x) for k in range(num)]
+        owner = model_ops.owner(model)
         nested = all(
             np.all((a == 0) | (b != 0))
-            for w in model_ops.wrappers(model)
             for k in range(num - 1)
             for a, b in zip(
                 *(
                     [
                         levels.masked_weight(v.value, m.value, level).numpy()
-                        for v, m in zip(w.prunable_weights, w.level_maps)
+                        for v, m in zip(owner.prunable_weights, owner.level_maps)
                     ]
                     for level in (k, k + 1)
                 )
@@ -234,11 +234,7 @@ def _scenario() -> dict:
             "targets": [row["target_sparsity"] for row in summary],
             "achieved": [row["achieved_sparsity"] for row in summary],
             "levels_differ": _max_diff([(logits[0], logits[-1])]),
-            "level_maps": [
-                m.numpy().tolist()
-                for w in model_ops.wrappers(model)
-                for m in w.level_maps
-            ],
+            "level_maps": [m.numpy().tolist() for m in owner.level_maps],
         }
         return result, weights, logits
 

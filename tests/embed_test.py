@@ -29,7 +29,8 @@ def test_input_model_is_not_modified():
     )
     for a, b in zip(before, base.get_weights()):
         np.testing.assert_array_equal(a, b)
-    assert not any(isinstance(layer, elsa_tf.ElsaWrapper) for layer in base.layers)
+    assert model.inner_model is not base
+    assert not {id(v) for v in model.weights} & {id(v) for v in base.weights}
 
 
 def test_sparsity_zero_leaves_the_model_exactly_dense():
@@ -46,14 +47,26 @@ def test_sparsity_zero_leaves_the_model_exactly_dense():
     assert elsa_tf.summary(model)[0]["achieved_sparsity"] == 0.0
 
 
-def test_every_weight_bearing_layer_is_wrapped_and_only_kernels_pruned():
+def test_one_owner_holds_a_map_per_kernel_and_everything_else_is_shared():
     model = elsa_tf.embed(cnn_with_bn(), [0.5, 0.0])
-    wrapped = {w.layer.name: w for w in model_ops.wrappers(model)}
-    assert sorted(wrapped) == ["bn", "conv", "hidden", "logits"]
-    assert [v.name for v in wrapped["conv"].prunable_weights] == ["kernel"]
-    assert [v.name for v in wrapped["conv"].shared_weights] == ["bias"]
-    assert wrapped["bn"].prunable_weights == []
-    assert all(m.dtype == "uint8" for w in wrapped.values() for m in w.level_maps)
+    owner = model_ops.owner(model)
+    assert owner is model
+    assert owner.weight_owners == ["conv", "hidden", "logits"]
+    assert [v.path for v in owner.prunable_weights] == [
+        "conv/kernel",
+        "hidden/kernel",
+        "logits/kernel",
+    ]
+    assert sorted(v.path for v in owner.shared_weights) == [
+        "bn/beta",
+        "bn/gamma",
+        "bn/moving_mean",
+        "bn/moving_variance",
+        "conv/bias",
+        "hidden/bias",
+        "logits/bias",
+    ]
+    assert [m.dtype for m in owner.level_maps] == ["uint8"] * 3
 
 
 @pytest.mark.parametrize(
@@ -68,8 +81,7 @@ def test_every_weight_bearing_layer_is_wrapped_and_only_kernels_pruned():
 )
 def test_prune_filters(prune, expected):
     model = elsa_tf.embed(cnn_with_bn(), [0.5, 0.0], prune=prune)
-    pruned = {w.layer.name for w in model_ops.wrappers(model) if w.prunable_weights}
-    assert pruned == expected
+    assert set(model_ops.owner(model).weight_owners) == expected
 
 
 @pytest.mark.parametrize(
@@ -94,19 +106,24 @@ def test_model_without_prunable_layers():
         elsa_tf.embed(base, [0.5, 0.0])
 
 
-def test_subclassed_model_gets_told_what_to_do():
-    class Net(keras.Model):
-        def __init__(self):
+def test_a_model_keras_cannot_copy_gets_told_what_to_do():
+    class Net(keras.Model):  # its config does not re-create it
+        def __init__(self, width):
             super().__init__()
-            self.dense = keras.layers.Dense(2)
+            self.dense = keras.layers.Dense(width)
 
         def call(self, x):
             return self.dense(x)
 
-    net = Net()
+    net = Net(2)
     net(np.zeros((1, 3), "float32"))
-    with pytest.raises(TypeError, match="subclassed Net.*Functional or Sequential"):
+    with pytest.raises(ValueError, match="Net cannot be copied.*get_config"):
         elsa_tf.embed(net, [0.5, 0.0])
+
+
+def test_an_unbuilt_model_is_refused():
+    with pytest.raises(ValueError, match="not built"):
+        elsa_tf.embed(keras.Sequential([keras.layers.Dense(2)]), [0.5, 0.0])
 
 
 def test_bad_arguments_to_embed():
@@ -184,20 +201,20 @@ def test_custom_layer_protocol():
     base = keras.Model(inputs, Scale(name="scale")(inputs))
     assert isinstance(base.layers[1], elsa_tf.PrunableLayer)
     model = elsa_tf.embed(base, [0.6, 0.0])
-    wrapper = model_ops.wrappers(model)[0]
-    assert [v.name for v in wrapper.prunable_weights] == ["w"]
-    assert [v.name for v in wrapper.shared_weights] == ["b"]
+    owner = model_ops.owner(model)
+    assert [v.name for v in owner.prunable_weights] == ["w"]
+    assert [v.name for v in owner.shared_weights] == ["b"]
     model_ops.prune_to(model, 0.6)
     x = np.ones((1, 10), "float32")
     assert int(np.count_nonzero(model.predict(x, verbose=0))) == 4
 
 
-def test_shared_layer_is_wrapped_once():
+def test_a_layer_used_twice_has_one_level_map():
     dense = keras.layers.Dense(4, name="shared")
     a, b = keras.Input((4,)), keras.Input((4,))
     base = keras.Model([a, b], dense(a) + dense(b))
     model = elsa_tf.embed(base, [0.5, 0.0])
-    assert len(model_ops.wrappers(model)) == 1
+    assert len(model_ops.owner(model).level_maps) == 1
 
 
 def test_summary_prints_a_table():

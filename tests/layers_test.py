@@ -121,20 +121,21 @@ def test_layer_type_round_trip(name, tmp_path):
             <= 0.005 + 1.0 / row["total"]
         )
     # Nesting, bit for bit, on every prunable weight.
-    for wrapper in elsa_tf.model_ops.wrappers(model):
-        for weight, level_map in zip(wrapper.prunable_weights, wrapper.level_maps):
-            m = level_map.numpy()
-            w = weight.numpy()
-            for k in range(len(sparsities) - 1):
-                assert np.all((m <= k) <= (m <= k + 1))
-                np.testing.assert_array_equal(
-                    np.where(m <= k, w, 0)[m <= k], np.where(m <= k + 1, w, 0)[m <= k]
-                )
+    owner = elsa_tf.model_ops.owner(model)
+    for weight, level_map in zip(owner.prunable_weights, owner.level_maps):
+        m = level_map.numpy()
+        w = weight.numpy()
+        for k in range(len(sparsities) - 1):
+            assert np.all((m <= k) <= (m <= k + 1))
+            np.testing.assert_array_equal(
+                np.where(m <= k, w, 0)[m <= k], np.where(m <= k + 1, w, 0)[m <= k]
+            )
     # Extraction equals the embedded model at every level; extracted models are plain.
     for k in range(len(sparsities)):
         extracted = elsa_tf.extract(model, k)
+        assert type(extracted) is type(base)
         assert not any(
-            isinstance(layer, elsa_tf.ElsaWrapper)
+            isinstance(layer, elsa_tf.ElsaModel)
             for layer in extracted._flatten_layers()
         )
         elsa_tf.set_level(model, k)

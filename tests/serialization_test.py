@@ -7,7 +7,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import LOSS, cnn_with_bn, digits_cnn, image_data
+from conftest import LOSS, cnn_with_bn, digits_cnn, image_data, mlp
 
 import elsa_tf
 from elsa_tf import model_ops
@@ -22,7 +22,7 @@ def _config_round_trip(obj):
     "kwargs",
     [
         {},
-        {"prune": False},
+        {"prune": ["logits"]},
         {"shared": "per_level"},
         {"selection": "global"},
         {"block_shape": [4, 1]},
@@ -30,13 +30,12 @@ def _config_round_trip(obj):
         {"name": "custom_name"},
     ],
 )
-def test_wrapper_config_round_trip_keeps_every_argument(kwargs):
-    layer = keras.layers.Dense(3)
-    layer.build((None, 4))
-    wrapper = elsa_tf.ElsaWrapper(layer, [0.9, 0.5, 0.0], **kwargs)
-    clone = _config_round_trip(wrapper)
-    assert clone.get_config() == wrapper.get_config()
+def test_elsa_model_config_round_trip_keeps_every_argument(kwargs):
+    model = elsa_tf.ElsaModel(mlp(), [0.9, 0.5, 0.0], **kwargs)
+    clone = _config_round_trip(model)
+    assert clone.get_config() == model.get_config()
     assert clone.sparsities == (0.9, 0.5, 0.0)
+    assert type(clone.inner_model) is type(model.inner_model)
     for key, value in kwargs.items():
         assert clone.get_config()[key] == (
             value.get_config() if key == "schedule" else value
@@ -161,15 +160,10 @@ def _mlp():
 def test_level_maps_cost_one_byte_per_weight_and_the_file_stays_small(tmp_path, build):
     base = build()
     model = elsa_tf.embed(base, [0.95, 0.9, 0.75, 0.5, 0.0])
-    prunable = sum(
-        int(np.prod(w.shape))
-        for w in model_ops.wrappers(model)
-        for w in w.prunable_weights
-    )
+    owner = model_ops.owner(model)
+    prunable = sum(int(np.prod(w.shape)) for w in owner.prunable_weights)
     map_bytes = sum(
-        int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
-        for w in model_ops.wrappers(model)
-        for m in w.level_maps
+        int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in owner.level_maps
     )
     assert map_bytes == prunable
     extra = [v for v in model.weights if "level_map" not in v.path]
@@ -212,3 +206,10 @@ def test_compiled_embedded_model_file_stays_small_and_extract_is_plain(tmp_path)
     assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
     for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_file_saved_by_version_0_1_is_refused_naming_the_version():
+    # Written by elsa_tf 0.1.0 (per-layer ElsaWrapper) from a 4-3-2 MLP.
+    path = os.path.join(os.path.dirname(__file__), "data", "elsa_0.1_mlp.keras")
+    with pytest.raises(Exception, match=r"saved by elsa_tf 0\.1.*elsa_tf 0\.2"):
+        keras.saving.load_model(path)

@@ -115,7 +115,7 @@ def test_embed_prunes_every_dense_and_conv_kernel(name):
     shape = SMALL_SHAPE[name]
     base = zoo.build(name, shape, 4)
     model = elsa_tf.embed(base, sparsities=[0.5, 0.0])
-    pruned = sorted(w.layer.name for w in model_ops.wrappers(model) if w.prune)
+    pruned = sorted(model_ops.owner(model).weight_owners)
     expected = sorted(
         layer.name for layer in base.layers if isinstance(layer, PRUNABLE_TYPES)
     )

@@ -1,28 +1,32 @@
-"""`ElsaWrapper`: the Keras plumbing that puts nested levels into one layer.
+"""`ElsaModel`: the one model-level owner of ELSA's state, around any model.
 
-The wrapper owns, for each prunable weight of the layer it wraps, a `uint8`
-level map (see `elsa_tf.levels`), and a pair of integers: the level being
-trained (`current_level`, also the number of finished levels) and the level
-the layer computes with (`view_level`). At inference, the wrapped layer runs
-inside a `keras.StatelessScope` that maps each prunable weight to its masked
-value, so any layer (a `MultiHeadAttention` made of `EinsumDense`s, a user's
-own block) is masked without re-implementing its math.
+`elsa_tf.embed` returns an `ElsaModel` holding a copy of the user's model
+(`inner_model`: Sequential, Functional, subclassed, keras_hub, its class
+kept) and, for each prunable weight found anywhere inside it, a `uint8`
+level map (see `elsa_tf.levels`), plus two integers: the level being trained
+(`current_level`, also the number of finished levels) and the level the model
+computes with (`view_level`). The level plan (sparsities, schedule,
+selection, block shape) is held here once, not copied into layers.
+
+At inference, the inner model runs inside a `keras.StatelessScope` that maps
+each prunable weight to its masked value, so any layer (a keras_hub
+`TransformerEncoder`, a user's own block, a subclassed model's `call`) is
+masked without re-implementing its math or re-wiring the model.
 
 While `LevelScheduler` trains (as in `elsa_tf.fit`), no mask is applied in
 the forward pass: the weights a level does not use are kept at exactly zero in
 the variables themselves (pruning zeroes them and `FreezingOptimizer` projects
 every update back), so the raw weights *are* the current level's weights, and
 a training step costs what the plain model's does plus one projection in the
-optimizer. Training always runs at the level being trained. Outside the
-scheduler, training masks like inference does, whatever the optimizer.
+optimizer. Outside the scheduler, training masks like inference does.
 
 Shared weights (everything not prunable: biases, normalization parameters and
 statistics, excluded kernels) are kept as the `shared` option says:
 
-* `"freeze"`: trained with level 0, frozen afterwards. A frozen layer with no
-  prunable weights (a `BatchNormalization`, say) is then called with
-  `training=False`, so normalization runs in inference mode, as Keras does for
-  a frozen layer when fine-tuning.
+* `"freeze"`: trained with level 0, frozen afterwards. A layer holding only
+  shared weights (a `BatchNormalization`, say) then runs as a non-trainable
+  layer, so normalization runs in inference mode, as Keras does for a frozen
+  layer when fine-tuning.
 * `"per_level"`: every level trains its own copy, starting from the previous
   level's. Finished levels' copies are kept in a bank of `K - 1` entries.
 """
@@ -30,17 +34,25 @@ statistics, excluded kernels) are kept as the `shared` option says:
 from __future__ import annotations
 
 import inspect
-import weakref
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from elsa_tf import levels, schedules
+from elsa_tf import _keras_compat, constraints, levels, schedules
 from elsa_tf import prunable as prunable_lib
 
 SHARED_MODES = ("freeze", "per_level")
 SELECTIONS = ("per_layer", "global")
+
+UNSCHEDULED_TRAINING = (
+    "An embedded model is being trained without elsa_tf.LevelScheduler: "
+    "no level is pruned or frozen by this training, and a plain optimizer "
+    "also changes the weights of finished levels. Train with elsa_tf.fit(...), "
+    "or compile with elsa_tf.FreezingOptimizer(...) and pass "
+    "callbacks=[elsa_tf.LevelScheduler(epochs_per_level=...)] to model.fit."
+)
 
 
 def check_option(name: str, value, allowed: tuple) -> None:
@@ -49,101 +61,99 @@ def check_option(name: str, value, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {allowed}. Received: {name}={value!r}")
 
 
-# id(variable) -> (weak wrapper, index into its level maps, or None for a
-# shared weight). The optimizer wrapper only sees variables, so it looks up
-# here how each one may change.
-_OWNERS: dict[int, tuple[weakref.ref, int | None]] = {}
-
-FROZEN = "frozen"
+def _set_untracked(obj, name, value):
+    # Keras tracks the variables in any list a layer holds as its own (they
+    # would be saved twice): caches of the inner model's variables are not.
+    object.__setattr__(obj, name, value)
 
 
-class Projection:
-    """Maps an optimizer's update of a prunable weight back onto the level.
-
-    `project(old, new)` keeps frozen entries at `old`, the current level's
-    entries at `new`, and every other entry at zero. `old` is only needed once
-    some level is finished (`needs_old`).
-    """
-
-    def __init__(self, level_map, level: int):
-        self.level_map = level_map
-        self.level = level
-        self.needs_old = level > 0
-
-    def __call__(self, old, new):
-        return levels.project_update(old, new, self.level_map.value, self.level)
-
-
-def training_constraint(variable):
-    """How an optimizer step may change `variable`.
-
-    Returns:
-        None to update it freely (not elsa_tf's, or not frozen), `FROZEN` to
-        leave it untouched (a shared weight after level 0 under
-        `shared="freeze"`), or a `Projection` for a prunable weight. The
-        answer is fixed when a train step is traced; `LevelScheduler` and
-        `elsa_tf.fit` retrace after every level.
-    """
-    entry = _OWNERS.get(id(variable))
-    wrapper = entry[0]() if entry else None
-    if wrapper is None:
-        return None
-    index = entry[1]
-    if index is None:
-        return FROZEN if wrapper._shared_frozen else None
-    return Projection(wrapper.level_maps[index], wrapper._traced_level)
+def _shared_only_layers(model, prunable_ids) -> list:
+    """Leaf layers with weights, none prunable, whose call takes `training`."""
+    found, seen, stack = [], set(), [model]
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        subs = _keras_compat.sublayers(layer)
+        stack.extend(subs)
+        if subs or not layer.weights:
+            continue
+        if any(id(w) in prunable_ids for w in layer.weights):
+            continue
+        if "training" in inspect.signature(layer.call).parameters:
+            found.append(layer)
+    return found
 
 
-def _register(variable, wrapper, index):
-    key = id(variable)
-    _OWNERS[key] = (weakref.ref(wrapper), index)
-    weakref.finalize(variable, _OWNERS.pop, key, None)
+def _serialize_uncompiled(model) -> dict:
+    # The inner model is never compiled for training (the ElsaModel is); a
+    # keras_hub task compiles itself when made, and reloading that compile
+    # config would only warn.
+    config = keras.saving.serialize_keras_object(model)
+    config.pop("compile_config", None)
+    return config
 
 
 @keras.saving.register_keras_serializable(package="elsa_tf")
-class ElsaWrapper(keras.layers.Wrapper):
-    """Holds nested sparse levels of one layer's weights.
+class ElsaModel(keras.Model):
+    """Nested sparse levels of one model's weights, and their training plan.
 
-    Made by `elsa_tf.embed`; users rarely build it by hand.
+    Made by `elsa_tf.embed`; users rarely build it by hand. It computes what
+    `inner_model` computes, at `view_level`.
 
     Args:
-        layer: the Keras layer to wrap, already built.
+        inner_model: the built Keras model to hold (elsa_tf's own copy).
         sparsities: target sparsity of each level, strictly decreasing.
-        prune: whether the layer's prunable weights are pruned. If False, all
-            of its weights are shared weights.
+        prune: None to prune every prunable weight inside `inner_model`, or
+            the paths (`elsa_tf.prunable.prunable_owners`) of the layers
+            whose weights to prune.
         shared: how shared weights are kept, `"freeze"` or `"per_level"`.
         schedule: the `LevelSchedule` (or its identifier) used inside a level.
         selection: `"per_layer"` or `"global"` magnitude selection.
         block_shape: None to select single weights, or a pair of positive
             ints: rank-2 prunable weights are then kept or dropped in whole
             blocks of that shape (see `elsa_tf.embed`).
-        **kwargs: base `Layer` arguments such as `name`.
+        **kwargs: base `Model` arguments such as `name`.
     """
 
     def __init__(
         self,
-        layer,
+        inner_model,
         sparsities,
-        prune: bool = True,
+        prune=None,
         shared: str = "freeze",
         schedule=None,
         selection: str = "per_layer",
         block_shape: tuple[int, int] | None = None,
         **kwargs,
     ):
-        super().__init__(layer, **kwargs)
+        super().__init__(**kwargs)
+        if not isinstance(inner_model, keras.Model):
+            raise TypeError(
+                f"inner_model must be a keras.Model. Received: {inner_model!r}"
+            )
         self.sparsities = levels.validate_sparsities(sparsities)
         check_option("shared", shared, SHARED_MODES)
         check_option("selection", selection, SELECTIONS)
-        self.prune = bool(prune)
+        if prune is not None:
+            if isinstance(prune, str) or not all(isinstance(p, str) for p in prune):
+                raise TypeError(
+                    "prune must be None or a list of layer paths. "
+                    f"Received: prune={prune!r}"
+                )
+            prune = list(prune)
+        self.prune = prune
         self.shared = shared
         self.schedule = schedules.get(schedule)
         self.selection = selection
         self.block_shape = levels.validate_block_shape(block_shape)
-        self.supports_masking = getattr(layer, "supports_masking", False)
-        self._call_has_training = "training" in inspect.signature(layer.call).parameters
+        self.inner_model = inner_model
+        self._inner_takes_training = (
+            "training" in inspect.signature(inner_model.call).parameters
+        )
         self._state_created = False
-        if layer.built:
+        if inner_model.built:
             self._create_state()
 
     @property
@@ -152,22 +162,29 @@ class ElsaWrapper(keras.layers.Wrapper):
 
     # -- state ---------------------------------------------------------------
 
-    @property
-    def prunable_weights(self) -> list:
-        """The wrapped layer's weights that are pruned."""
-        if not self.prune:
-            return []
-        return prunable_lib.get_prunable_weights(self.layer)
-
-    @property
-    def shared_weights(self) -> list:
-        """The wrapped layer's other weights (see the module docstring)."""
-        pruned = {id(w) for w in self.prunable_weights}
-        return [w for w in self.layer.weights if id(w) not in pruned]
-
     def _create_state(self):
         if self._state_created:
             return
+        owners = prunable_lib.prunable_owners(self.inner_model)
+        if self.prune is not None:
+            known = {path for path, _, _ in owners}
+            unknown = [p for p in self.prune if p not in known]
+            if unknown:
+                raise ValueError(
+                    f"prune names layer paths that hold no prunable weight: "
+                    f"{unknown}. Prunable: {sorted(known)}"
+                )
+            owners = [o for o in owners if o[0] in set(self.prune)]
+        prunable = [(path, w) for path, _, weights in owners for w in weights]
+        _set_untracked(self, "prunable_weights", [w for _, w in prunable])
+        _set_untracked(self, "weight_owners", [path for path, _ in prunable])
+        ids = {id(w) for w in self.prunable_weights}
+        _set_untracked(
+            self,
+            "shared_weights",
+            [w for w in self.inner_model.weights if id(w) not in ids],
+        )
+        _set_untracked(self, "_shared_only", _shared_only_layers(self.inner_model, ids))
         self.level_maps = []
         for i, w in enumerate(self.prunable_weights):
             self.level_maps.append(
@@ -179,9 +196,8 @@ class ElsaWrapper(keras.layers.Wrapper):
                     name=f"level_map_{i}_{w.name}",
                 )
             )
-            _register(w, self, i)
-        # [current level, view level] in one variable: one entry less per
-        # layer in the saved file.
+            constraints.register(w, self, i)
+        # [current level, view level] in one variable.
         self.level_state = self.add_weight(
             shape=(2,),
             initializer="zeros",
@@ -189,9 +205,9 @@ class ElsaWrapper(keras.layers.Wrapper):
             trainable=False,
             name="level_state",
         )
-        self.banks = []
         for w in self.shared_weights:
-            _register(w, self, None)
+            constraints.register(w, self, None)
+        self.banks = []
         if self.shared == "per_level" and self.num_levels > 1:
             for i, w in enumerate(self.shared_weights):
                 self.banks.append(
@@ -203,22 +219,14 @@ class ElsaWrapper(keras.layers.Wrapper):
                         name=f"bank_{i}_{w.name}",
                     )
                 )
-        self._shared_frozen = False
-        self._traced_level = 0
-        self._train_raw = False  # set by LevelScheduler while it trains
+        self.shared_frozen = False
+        self.traced_level = 0
+        self.train_raw = False  # set by LevelScheduler while it trains
         self._state_created = True
         self.built = True
 
     def build(self, *args, **kwargs):
-        # The wrapped layer is built before wrapping (or by build_from_config).
-        self._create_state()
-
-    def get_build_config(self):
-        return {"layer": self.layer.get_build_config()}
-
-    def build_from_config(self, config):
-        if not self.layer.built:
-            self.layer.build_from_config(config["layer"])
+        # The inner model is built before embedding (or when it is loaded).
         self._create_state()
 
     def load_own_variables(self, store):
@@ -232,7 +240,7 @@ class ElsaWrapper(keras.layers.Wrapper):
 
     @property
     def view_level(self) -> int:
-        """The level the layer computes with at inference."""
+        """The level the model computes with at inference."""
         return int(self.level_state.numpy()[1])
 
     def set_view_level(self, level: int) -> None:
@@ -245,8 +253,8 @@ class ElsaWrapper(keras.layers.Wrapper):
         traced, so callers retrace after a level change (`LevelScheduler`
         does).
         """
-        self._traced_level = self.current_level
-        self._shared_frozen = self.shared == "freeze" and self._traced_level >= 1
+        self.traced_level = self.current_level
+        self.shared_frozen = self.shared == "freeze" and self.traced_level >= 1
 
     # -- forward -------------------------------------------------------------
 
@@ -260,14 +268,16 @@ class ElsaWrapper(keras.layers.Wrapper):
         return use_working, tf.where(use_working, working, tf.gather(bank.value, slot))
 
     def call(self, *args, training=None, **kwargs):
-        if self._call_has_training:
-            frozen_whole = self._shared_frozen and not self.prunable_weights
-            kwargs["training"] = False if frozen_whole else training
+        if self._inner_takes_training:
+            kwargs["training"] = training
         mapping, bank_values = [], {}
         # Under LevelScheduler (whose FreezingOptimizer keeps unused weights at
         # zero), training runs on the variables as they are: they hold the
         # current level exactly. Anything else computes at the view level.
-        at_view = not (training is True and self._train_raw)
+        at_view = not (training is True and self.train_raw)
+        if training is True and at_view and not constraints.is_internal_training():
+            # Python code: runs when the train step is traced, not each step.
+            warnings.warn(UNSCHEDULED_TRAINING, stacklevel=2)
         view = self.level_state.value[1]
         if at_view:
             mapping = [
@@ -278,13 +288,28 @@ class ElsaWrapper(keras.layers.Wrapper):
             use_working, value = self._shared_value(i, view)
             mapping.append((w, value))
             bank_values[id(w)] = (use_working, value)
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            outputs = self.layer(*args, **kwargs)
-        # Carry out the state updates the layer made (normalization
+        # Frozen normalization runs in inference mode, as Keras runs a
+        # non-trainable BatchNormalization. The flag is read when the layer's
+        # call is traced, so it is set for this call only: the model's
+        # trainable variables, and so its optimizer's, stay the same.
+        made_frozen = [
+            layer
+            for layer in (self._shared_only if self.shared_frozen else [])
+            if layer.trainable
+        ]
+        for layer in made_frozen:
+            layer.trainable = False
+        try:
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                outputs = self.inner_model(*args, **kwargs)
+        finally:
+            for layer in made_frozen:
+                layer.trainable = True
+        # Carry out the state updates the model made (normalization
         # statistics, seed generators), except into frozen weights.
         prunable_ids = {id(w) for w in self.prunable_weights}
         shared_ids = {id(w) for w in self.shared_weights}
-        for v in self.layer.variables:
+        for v in self.inner_model.variables:
             if id(v) in prunable_ids:
                 continue
             new = scope.get_current_value(v)
@@ -294,20 +319,18 @@ class ElsaWrapper(keras.layers.Wrapper):
                 use_working, mapped = bank_values[id(v)]
                 if new is not mapped:
                     v.assign(tf.where(use_working, new, v.value))
-            elif not (self._shared_frozen and id(v) in shared_ids):
+            elif not (self.shared_frozen and id(v) in shared_ids):
                 v.assign(new)
         return outputs
 
     def compute_output_spec(self, *args, **kwargs):
-        return self.layer.compute_output_spec(*args, **kwargs)
-
-    def compute_mask(self, inputs, previous_mask=None):
-        return self.layer.compute_mask(inputs, previous_mask)
+        kwargs.pop("training", None)
+        return self.inner_model.compute_output_spec(*args, **kwargs)
 
     # -- level transitions (eager) ---------------------------------------------
 
-    def effective_weights(self, level: int) -> list[np.ndarray]:
-        """The wrapped layer's weights at `level`, in `layer.weights` order."""
+    def effective_weights(self, level: int) -> dict[int, np.ndarray]:
+        """`id(variable)` -> its value at `level`, for every inner weight."""
         values = {}
         for w, m in zip(self.prunable_weights, self.level_maps):
             values[id(w)] = levels.masked_weight(w.value, m.value, level).numpy()
@@ -320,7 +343,7 @@ class ElsaWrapper(keras.layers.Wrapper):
                 # Not np.array(w.value): NumPy cannot convert a scalar
                 # MirroredVariable inside a tf.distribute strategy's scope.
                 values[id(w)] = w.numpy()
-        return [values[id(w)] for w in self.layer.weights]
+        return values
 
     def finish_level(self):
         """Freezes the current level and opens the next one."""
@@ -342,18 +365,24 @@ class ElsaWrapper(keras.layers.Wrapper):
         self.level_state.assign([k + 1, min(k + 1, self.num_levels - 1)])
         self.sync_level_state()
 
+    # -- serialization -----------------------------------------------------------
+
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "sparsities": list(self.sparsities),
-                "prune": self.prune,
-                "shared": self.shared,
-                "schedule": self.schedule.get_config(),
-                "selection": self.selection,
-                "block_shape": None
-                if self.block_shape is None
-                else list(self.block_shape),
-            }
+        return {
+            "name": self.name,
+            "inner_model": _serialize_uncompiled(self.inner_model),
+            "sparsities": list(self.sparsities),
+            "prune": self.prune,
+            "shared": self.shared,
+            "schedule": self.schedule.get_config(),
+            "selection": self.selection,
+            "block_shape": None if self.block_shape is None else list(self.block_shape),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("inner_model"), custom_objects=custom_objects
         )
-        return config
+        return cls(inner, **config)

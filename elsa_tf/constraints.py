@@ -1,0 +1,95 @@
+"""How an optimizer step may change each variable of an embedded model.
+
+`ElsaModel` registers every variable of the model it owns here, with its
+role: a prunable weight (its updates are projected onto the level being
+trained) or a shared weight (frozen whole once `shared="freeze"` has
+finished level 0). `FreezingOptimizer` asks `training_constraint` for each
+variable it is handed; a variable that no embedded model owns is an error,
+never "train freely".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import weakref
+
+from elsa_tf import levels
+
+FROZEN = "frozen"
+FREE = "free"
+
+# id(variable) -> (weak owner, index into its level maps, or None for a
+# shared weight). The optimizer only sees variables.
+_OWNERS: dict[int, tuple[weakref.ref, int | None]] = {}
+
+
+def register(variable, owner, index: int | None) -> None:
+    """Records that `owner` (an `ElsaModel`) governs `variable`."""
+    key = id(variable)
+    _OWNERS[key] = (weakref.ref(owner), index)
+    weakref.finalize(variable, _OWNERS.pop, key, None)
+
+
+class Projection:
+    """Maps an optimizer's update of a prunable weight back onto the level.
+
+    `project(old, new)` keeps frozen entries at `old`, the current level's
+    entries at `new`, and every other entry at zero. `old` is only needed once
+    some level is finished (`needs_old`).
+    """
+
+    def __init__(self, level_map, level: int):
+        self.level_map = level_map
+        self.level = level
+        self.needs_old = level > 0
+
+    def __call__(self, old, new):
+        return levels.project_update(old, new, self.level_map.value, self.level)
+
+
+def training_constraint(variable):
+    """How an optimizer step may change `variable`.
+
+    Returns:
+        `FREE` to update it freely (a shared weight still training),
+        `FROZEN` to leave it untouched (a shared weight after level 0 under
+        `shared="freeze"`), or a `Projection` for a prunable weight. The
+        answer is fixed when a train step is traced; `LevelScheduler` and
+        `elsa_tf.fit` retrace after every level.
+
+    Raises:
+        ValueError: if no embedded model owns `variable`.
+    """
+    entry = _OWNERS.get(id(variable))
+    owner = entry[0]() if entry else None
+    if owner is None:
+        raise ValueError(
+            "FreezingOptimizer was handed a variable that no embedded model "
+            "owns, so it cannot tell whether the variable is frozen. Train "
+            "only the model returned by elsa_tf.embed (or loaded from its "
+            f"file). Received: variable={getattr(variable, 'path', variable)!r}"
+        )
+    index = entry[1]
+    if index is None:
+        return FROZEN if owner.shared_frozen else FREE
+    return Projection(owner.level_maps[index], owner.traced_level)
+
+
+# True while elsa_tf itself runs a model in training mode outside a level's
+# training (BatchNormalization recalibration), which is not a user's mistake.
+_INTERNAL_TRAINING = contextvars.ContextVar("elsa_internal_training", default=False)
+
+
+@contextlib.contextmanager
+def internal_training():
+    """Marks forward passes in training mode that are elsa_tf's own."""
+    token = _INTERNAL_TRAINING.set(True)
+    try:
+        yield
+    finally:
+        _INTERNAL_TRAINING.reset(token)
+
+
+def is_internal_training() -> bool:
+    return _INTERNAL_TRAINING.get()
