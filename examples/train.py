@@ -6,17 +6,18 @@ level and the report (`report.md`, `report.json`, `report.png`) in --workdir.
 
     python examples/train.py
     python examples/train.py --dataset=mnist1d --sparsities=0.9,0.5,0.0 \
-        --baseline=independent --workdir=/tmp/elsa_mnist1d
+        --baseline=independent,independent_elsa --workdir=/tmp/elsa_mnist1d
     python examples/train.py --dataset=cifar10 --data_dir=~/tensorflow_datasets
     python examples/train.py --workdir=/tmp/elsa_train --resume
+    python examples/train.py --overwrite    # replace the previous run's outputs
 
-Installed with the package as the `elsa-train` command. `--helpfull` lists
-every flag; the library side is `elsa_tf.experiments.run.train_and_evaluate`.
+Installed with the package as the `elsa-train` command. `--help` lists its
+flags; the library side is `elsa_tf.experiments.run.train_and_evaluate`.
 """
 
-from absl import app
+from elsa_tf.experiments.main import main, run
 
-from elsa_tf.experiments.main import main
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

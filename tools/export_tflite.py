@@ -11,15 +11,23 @@ Writes one `.tflite` per level, `bundle.tflite` and `manifest.json` with
 `.npz` archives: `x` holds the inputs (the calibration samples for
 `--quantization=int8`), `y` the labels (integer or one-hot) for
 `--evaluation_data`, whose top-1 accuracy per level goes into the manifest.
+
+A wrong path, a file that is not a saved `.keras` model, or an existing,
+non-empty `--out` without `--overwrite` stops the tool with one line. The
+TFLite converter's log (about 170 lines) is shown with `-v 0` or higher.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
+
+from elsa_tf.experiments import startup
 
 QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
 
@@ -50,7 +58,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool("sparse_encoding", True, "Store weights in TFLite's sparse format.")
 flags.DEFINE_bool("bundle", True, "Also write bundle.tflite.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing, non-empty --out.")
+# Also defined, identically, by the training program (elsa-train).
+flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace an existing, non-empty --out.",
+    allow_override=True,
+)
 
 
 def load_npz(path: str, name: str, keys: Sequence[str]) -> tuple[np.ndarray, ...]:
@@ -136,8 +150,14 @@ def run(
             "representative_data, an .npz with the inputs as `x`. "
             f"Received: representative_data={representative_data!r}"
         )
-    if not os.path.exists(model_path):
-        raise FileNotFoundError(f"No saved model at model={model_path!r}")
+    startup.check_saved_model(model_path)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out must be a directory. Received: --out={out_dir!r}")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(
+            f"--out={out_dir!r} exists and is not empty: pass --overwrite to "
+            "replace it, or another --out."
+        )
     representative = None
     if representative_data:
         (representative,) = load_npz(representative_data, "representative_data", ["x"])
@@ -145,6 +165,7 @@ def run(
     if evaluation_data:
         evaluation = load_npz(evaluation_data, "evaluation_data", ["x", "y"])
 
+    startup.import_tensorflow_quietly()
     import keras
 
     import elsa_tf  # Registers elsa_tf's classes, which load_model looks up.
@@ -198,6 +219,11 @@ def table(manifest: dict) -> str:
     return text
 
 
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -207,17 +233,25 @@ def main(argv):
             f"directory) are required. Received: --model_path={FLAGS.model_path!r}, "
             f"--out={FLAGS.out!r}"
         )
-    manifest = run(
-        FLAGS.model_path,
-        FLAGS.out,
-        quantization=FLAGS.quantization,
-        levels=parse_levels(FLAGS.levels),
-        representative_data=FLAGS.representative_data,
-        evaluation_data=FLAGS.evaluation_data,
-        sparse_encoding=FLAGS.sparse_encoding,
-        bundle=FLAGS.bundle,
-        overwrite=FLAGS.overwrite,
-    )
+    verbose = FLAGS["verbosity"].present
+    if not verbose:
+        logging.set_verbosity(logging.WARNING)  # the converter logs at INFO
+    try:
+        with startup.captured_stderr() if not verbose else _nothing():
+            manifest = run(
+                FLAGS.model_path,
+                FLAGS.out,
+                quantization=FLAGS.quantization,
+                levels=parse_levels(FLAGS.levels),
+                representative_data=FLAGS.representative_data,
+                evaluation_data=FLAGS.evaluation_data,
+                sparse_encoding=FLAGS.sparse_encoding,
+                bundle=FLAGS.bundle,
+                overwrite=FLAGS.overwrite,
+            )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"FATAL {e}", file=sys.stderr)
+        sys.exit(1)
     print(table(manifest))
     print(f"\nWritten to {os.path.abspath(FLAGS.out)}")
 

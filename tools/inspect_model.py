@@ -5,14 +5,17 @@ r"""Inspect a saved embedded model, and extract one of its levels.
         --extract_level=1 --out=/tmp/level1.keras
 
 Prints `elsa_tf.summary` of the model; with `--extract_level`, writes that
-level as a plain Keras model (loadable without elsa_tf).
+level as a plain Keras model (loadable without elsa_tf). A wrong path or a
+file that is not a saved `.keras` model stops it with one line.
 """
 
 from __future__ import annotations
 
-import os
+import sys
 
 from absl import app, flags
+
+from elsa_tf.experiments import startup
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", None, "Path of a saved embedded .keras model.")
@@ -29,12 +32,12 @@ def run(model_path: str, per_layer: bool = False, extract_level=None, out=None):
         ValueError: if `extract_level` is given without `out`, or is out of
             range for the model.
     """
-    if not os.path.exists(model_path):
-        raise FileNotFoundError(f"No saved model at model={model_path!r}")
+    startup.check_saved_model(model_path)
     if extract_level is not None and not out:
         raise ValueError(
             f"Give --out to save the extracted level. Received: out={out!r}"
         )
+    startup.import_tensorflow_quietly()
     import keras
 
     import elsa_tf
@@ -50,8 +53,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.model_path:
-        raise app.UsageError("--model is required: the saved embedded model.")
-    print(run(FLAGS.model_path, FLAGS.per_layer, FLAGS.extract_level, FLAGS.out))
+        raise app.UsageError("--model_path is required: the saved embedded model.")
+    try:
+        rows = run(FLAGS.model_path, FLAGS.per_layer, FLAGS.extract_level, FLAGS.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"FATAL {e}", file=sys.stderr)
+        sys.exit(1)
+    print(rows)
     if FLAGS.extract_level is not None:
         print(f"Level {FLAGS.extract_level} saved to {FLAGS.out}")
 

@@ -1,4 +1,9 @@
-"""The independent baseline: one tfmot-pruned tf_keras model per sparsity.
+"""The independent baselines: one separately pruned model per sparsity.
+
+`train_independent` prunes tf_keras models with tfmot (per-layer ranking, its
+only mode); `train_independent_elsa` trains single-level models with elsa_tf
+itself (the paper's own comparison: same sparsifier, selection and schedule
+as the ELSA run, so the two differ only in nesting).
 
 What a user would do without ELSA: for every sparsity, build the model afresh,
 prune it with tfmot's `prune_low_magnitude` while it trains, `strip_pruning`,
@@ -23,6 +28,8 @@ too; and it raises for a layer its registry does not know.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import time
@@ -32,6 +39,7 @@ import numpy as np
 
 from elsa_tf import batch_norm, export, schedules
 from elsa_tf.callbacks import check_positive_int
+from elsa_tf.lite import runtime
 
 # Probe inputs on which a sparse TFLite file must match the dense one, as in
 # `elsa_tf.export`.
@@ -89,14 +97,45 @@ def _sparsity(weights) -> tuple[float, int]:
     return (zeros / size if size else 0.0), size
 
 
+def _convert(model, sparse: bool) -> bytes:
+    """Float32 TFLite bytes of a tf_keras model (sparse-encoded if asked).
+
+    Converted here, from the Keras model, rather than by `elsa_tf.export`,
+    which converts Keras 3 models and may change how.
+    """
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if sparse:
+        converter.optimizations = {tf.lite.Optimize.EXPERIMENTAL_SPARSITY}
+    with contextlib.redirect_stdout(io.StringIO()):
+        return bytes(converter.convert())
+
+
 def _to_tflite(model, probe: np.ndarray) -> tuple[bytes, bool]:
     """Float32 TFLite bytes and whether sparse, by `elsa_tf.export`'s rule:
-    sparse encoding when it is smaller and gives the dense file's outputs."""
-    dense = export._convert(model, None, None, False)
-    sparse = export._convert(model, None, None, True)
-    if export._sparse_is_better(sparse, dense, None, probe):
-        return sparse, True
+    sparse encoding when it is smaller and gives the dense file's outputs
+    (it runs, under the runtime's default delegates, and matches)."""
+    dense = _convert(model, False)
+    sparse = _convert(model, True)
+    if len(sparse) < len(dense):
+        try:
+            same = np.allclose(
+                _predict(sparse, probe), _predict(dense, probe), rtol=1e-4, atol=1e-5
+            )
+        except (RuntimeError, ValueError):  # what the runtimes raise
+            same = False
+        if same:
+            return sparse, True
+    _predict(dense, probe)  # every file must run
     return dense, False
+
+
+def _predict(content: bytes, probe: np.ndarray) -> np.ndarray:
+    interpreter = runtime.interpreter(content, num_threads=1)
+    return np.concatenate(
+        [np.asarray(runtime.predict(interpreter, x[None])) for x in probe]
+    )
 
 
 def train_independent(
@@ -113,6 +152,7 @@ def train_independent(
     recalibration_data=None,
     workdir: str | None = None,
     verbose: int = 0,
+    on_start: Callable[[int, float], None] | None = None,
 ) -> list[dict]:
     """Trains one tfmot-pruned tf_keras model per sparsity, from scratch.
 
@@ -150,6 +190,8 @@ def train_independent(
         workdir: when given, the TFLite files are written to
             `workdir/baseline/level{k}_sparsity{s:.2f}.tflite`.
         verbose: passed to `fit`.
+        on_start: called as `on_start(level, target)` before each model trains
+            (the training program prints a header).
 
     Returns:
         One dict per sparsity: `level`, `target_sparsity`, `achieved_sparsity`
@@ -205,6 +247,7 @@ def train_independent(
             recalibration_data=recalibration_data,
             out_dir=out_dir,
             verbose=verbose,
+            on_start=on_start,
         )
         for level, target in enumerate(sparsities)
     ]
@@ -225,9 +268,13 @@ def _train_one(
     recalibration_data,
     out_dir,
     verbose,
+    on_start,
 ) -> dict:
     sparsity = schedules._tfmot_sparsity()  # Before tf_keras: see the module doc.
     import tf_keras
+
+    if on_start is not None:
+        on_start(level, target)
 
     tf_keras.utils.set_random_seed(seed)
     model = build()
@@ -276,7 +323,6 @@ def _train_one(
     probe = next(iter(dataset.test(_PROBE_SAMPLES)))[0]
     content, sparse = _to_tflite(model, np.asarray(probe, np.float32))
     file_name = export.level_file_name(level, target)
-    export._check_runs(content, f"baseline {file_name}")
     row = {
         "level": level,
         "target_sparsity": target,
@@ -293,3 +339,102 @@ def _train_one(
             f.write(content)
         row["tflite_path"] = path
     return row
+
+
+def train_independent_elsa(
+    build: Callable[[], object],
+    dataset,
+    sparsities: Iterable[float],
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: Callable[[], object],
+    schedule: schedules.LevelSchedule,
+    seed: int,
+    selection: str = "global",
+    shared: str = "freeze",
+    augment: bool = True,
+    recalibration_data=None,
+    workdir: str | None = None,
+    verbose: int = 0,
+    on_start: Callable[[int, float], None] | None = None,
+) -> list[dict]:
+    """Trains one single-level elsa_tf model per sparsity, from scratch.
+
+    The paper's comparison: for each sparsity, seed with
+    `keras.utils.set_random_seed(seed)` (the same initial weights and batch
+    order as the ELSA run), `build()` a Keras 3 model, `elsa_tf.embed` it with
+    that one sparsity and ELSA's `selection`, `shared` and `schedule`, and
+    train it with `elsa_tf.fit` for `epochs` epochs. Evaluated and exported
+    (float32, `elsa_tf.export_tflite`) as an ELSA level is.
+
+    Args:
+        build: makes a fresh, uncompiled Keras 3 model that outputs logits.
+        dataset, sparsities, epochs, batch_size, seed, augment,
+            recalibration_data, verbose, on_start: as for `train_independent`.
+        optimizer: zero-argument factory of Keras 3 optimizers.
+        schedule: the `LevelSchedule` of the ELSA run.
+        selection, shared: as for `elsa_tf.embed`.
+        workdir: when given, each model's export goes to
+            `workdir/baseline_elsa/level{k}/`.
+
+    Returns:
+        One dict per sparsity, with the keys of `train_independent`'s rows
+        (`prunable_params` counts elsa_tf's prunable weights).
+    """
+    import keras
+
+    import elsa_tf
+
+    sparsities = _check_sparsities(sparsities)
+    epochs = check_positive_int("epochs", epochs)
+    batch_size = check_positive_int("batch_size", batch_size)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    out_root = None if workdir is None else os.path.join(workdir, "baseline_elsa")
+    test_x, test_y = dataset.test_arrays()
+    rows = []
+    for level, target in enumerate(sparsities):
+        if on_start is not None:
+            on_start(level, target)
+        keras.utils.set_random_seed(seed)
+        model = elsa_tf.embed(
+            build(), [target], selection=selection, shared=shared, schedule=schedule
+        )
+        start = time.perf_counter()
+        elsa_tf.fit(
+            model,
+            dataset.train(batch_size, seed=seed, augment=augment),
+            epochs_per_level=epochs,
+            optimizer=optimizer,
+            loss=loss,
+            metrics=["accuracy"],
+            recalibration_data=recalibration_data,
+            shuffle=False,  # the pipeline shuffles, seeded
+            verbose=verbose,
+        )
+        train_seconds = time.perf_counter() - start
+        summary = elsa_tf.summary(model)[0]
+        extracted = elsa_tf.extract(model, 0)
+        logits = extracted.predict(test_x, batch_size=500, verbose=0)
+        accuracy = float(np.mean(logits.argmax(axis=-1) == test_y))
+        row = {
+            "level": level,
+            "target_sparsity": target,
+            "achieved_sparsity": float(summary["achieved_sparsity"]),
+            "prunable_params": int(summary["total"]),
+            "accuracy": accuracy,
+            "train_seconds": train_seconds,
+        }
+        if out_root is not None:
+            out_dir = os.path.join(out_root, f"level{level}")
+            manifest = elsa_tf.export_tflite(
+                model, out_dir, bundle=False, overwrite=True
+            )
+            (file_row,) = manifest["levels"]
+            row["tflite_bytes"] = int(file_row["bytes"])
+            row["sparse_encoding"] = bool(file_row.get("sparse_encoding"))
+            row["tflite_path"] = os.path.join(out_dir, file_row["file"])
+        else:
+            row["tflite_bytes"] = None
+        rows.append(row)
+    return rows

@@ -21,7 +21,12 @@ SCHEDULES = ("polynomial_decay", "constant")
 SELECTIONS = ("global", "per_layer")
 SHARED_MODES = ("freeze", "per_level")
 QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
-BASELINES = ("none", "independent")
+# --baseline: models trained separately, one per level, to compare ELSA with;
+# "none" (or nothing) trains none.
+NO_BASELINE = "none"
+BASELINES = ("independent", "independent_elsa")
+_SPARSIFIER_NAMES = {"gradual_magnitude": "gradual magnitude"}
+_SELECTION_NAMES = {"global": "global ranking", "per_layer": "per-layer ranking"}
 DISTRIBUTIONS = ("none", "mirrored")
 AUTO = "auto"
 
@@ -54,6 +59,62 @@ def check_sparsities(sparsities) -> tuple[float, ...]:
         return levels.validate_sparsities(values)
     except TypeError as e:
         raise ValueError(str(e)) from None
+
+
+def check_baselines(baselines) -> tuple[str, ...]:
+    """Names from `BASELINES`, without repeats; "none" or nothing for none.
+
+    Accepts a comma-separated string too (a list flag's value).
+    """
+    if isinstance(baselines, str):
+        baselines = baselines.split(",")
+    try:
+        names = [str(b).strip() for b in baselines]
+    except TypeError:
+        raise ValueError(
+            f"baseline must be names in {list(BASELINES)} or {NO_BASELINE!r}. "
+            f"Received: baseline={baselines!r}"
+        ) from None
+    names = [n for n in names if n and n != NO_BASELINE]
+    for name in names:
+        _check_choice("baseline", name, (NO_BASELINE, *BASELINES))
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"baseline names each baseline once. Received: baseline={names!r}"
+        )
+    return tuple(names)
+
+
+def method(name: str, config: Config) -> str:
+    """How `"elsa"` or a baseline of `BASELINES` prunes, as the report names it.
+
+    The two sides of a comparison may differ in more than nesting: tfmot
+    ranks weights within each layer only, ELSA globally by default.
+    """
+    sparsifier = _SPARSIFIER_NAMES.get(config.sparsifier, config.sparsifier)
+    selection = _SELECTION_NAMES.get(config.selection, config.selection)
+    if name == "elsa":
+        return f"ELSA ({sparsifier}, {selection}), one model for all levels"
+    if name == "independent":
+        return "tfmot prune_low_magnitude (per-layer ranking), one model per level"
+    _check_choice("baseline", name, BASELINES)
+    return f"elsa_tf ({sparsifier}, {selection}), one single-level model per level"
+
+
+def required_modules(config: Config) -> dict[str, str]:
+    """Optional modules (setup.py's "examples" extra) the run imports, and why.
+
+    TensorBoard logs and the report's plot are always written; the runtime
+    that times the TFLite files falls back to TensorFlow's, which is installed.
+    """
+    modules = {"tensorboard": "TensorBoard logs", "matplotlib": "report.png"}
+    if config.dataset == "digits":
+        modules["sklearn"] = "the digits dataset"
+    elif config.dataset == "mnist1d":
+        modules["mnist1d"] = "the mnist1d dataset"
+    elif config.dataset in datasets.TFDS_NAMES:
+        modules["tensorflow_datasets"] = f"the {config.dataset} dataset"
+    return modules
 
 
 def check_positive_int(name: str, value) -> int:
@@ -148,7 +209,9 @@ class Config:
     augment: bool = True
     export_tflite: bool = True
     quantization: str = "float32"
-    baseline: str = "none"
+    # Names from BASELINES (a comma-separated string is accepted); none by
+    # default, since each baseline trains as long as ELSA does.
+    baseline: tuple[str, ...] = ()
     distribution: str = "none"
     seed: int = 0
 
@@ -170,7 +233,7 @@ class Config:
         _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("shared", self.shared, SHARED_MODES)
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
-        _check_choice("baseline", self.baseline, BASELINES)
+        object.__setattr__(self, "baseline", check_baselines(self.baseline))
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0. Received: seed={self.seed!r}")
@@ -183,6 +246,7 @@ class Config:
     def to_dict(self) -> dict:
         config = dataclasses.asdict(self)
         config["sparsities"] = list(self.sparsities)
+        config["baseline"] = list(self.baseline)
         return config
 
     @classmethod

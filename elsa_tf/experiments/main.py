@@ -2,19 +2,40 @@
 
 Every flag is checked when the flags are parsed, by the same checks as
 `Config`, so a bad value stops the program at start-up with one line naming
-the flag and the value it received.
+the flag and the value it received. What can only be checked against the
+disk (the work directory, a missing optional package, data that is not
+prepared, a resume with other settings) is checked before anything is
+written, and stops the program with one line too. Ctrl-C stops it with one
+line saying where and the command that continues the run.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before anything imports TensorFlow (the flags' checks do).
+from elsa_tf.experiments import startup
+
+startup.import_tensorflow_quietly()
 
 from absl import app, flags, logging  # noqa: E402
 
+from elsa_tf.experiments import checkpoint, datasets, optimizers, zoo  # noqa: E402
 from elsa_tf.experiments import config as config_lib  # noqa: E402
-from elsa_tf.experiments import datasets, optimizers, zoo  # noqa: E402
+
+USAGE = """Trains an embedded ELSA model, evaluates, exports and reports every level.
+
+    elsa-train
+    elsa-train --dataset=mnist1d --sparsities=0.9,0.5,0.0 --workdir=/tmp/elsa_1d
+    elsa-train --workdir=/tmp/elsa_1d --resume      # after Ctrl-C
+    elsa-train --overwrite                          # replace the previous run
+
+--helpfull also lists absl's and TensorFlow's flags.
+"""
+# Exit status after Ctrl-C: 128 + SIGINT, as a shell reports it.
+_INTERRUPTED = 130
 
 FLAGS = flags.FLAGS
 _D = config_lib.Config()  # the defaults
@@ -23,8 +44,8 @@ flags.DEFINE_string(
     "workdir",
     "/tmp/elsa_train",
     "Directory for the run: config, checkpoints, TensorBoard logs, model, "
-    "TFLite export and report. A run that is not --resume'd replaces a "
-    "previous run's outputs there.",
+    "TFLite export and report. A previous run's outputs there are refused "
+    "unless --resume (continue it) or --overwrite (replace them).",
 )
 flags.DEFINE_string(
     "dataset",
@@ -110,12 +131,14 @@ flags.DEFINE_enum(
     "TFLite quantization of the export.",
     allow_override=True,
 )
-flags.DEFINE_enum(
+flags.DEFINE_list(
     "baseline",
-    _D.baseline,
-    list(config_lib.BASELINES),
-    "'independent' also trains one model per level with tfmot's "
-    "prune_low_magnitude on tf_keras, same architecture, epochs and optimizer.",
+    list(_D.baseline) or [config_lib.NO_BASELINE],
+    "Also train one separate model per level, with the same architecture, "
+    "initial weights, epochs, optimizer and schedule, and compare: "
+    "'independent' (tfmot's prune_low_magnitude on tf_keras, per-layer "
+    "ranking), 'independent_elsa' (elsa_tf with a single level, ELSA's own "
+    "sparsifier and selection), both (comma-separated), or none.",
 )
 flags.DEFINE_enum(
     "distribution",
@@ -127,10 +150,24 @@ flags.DEFINE_integer(
     "seed", _D.seed, "Random seed (>= 0): split, weights, data order.", lower_bound=0
 )
 flags.DEFINE_bool(
-    "resume", False, "Continue the run in --workdir from its last checkpoint."
+    "resume",
+    False,
+    "Continue the run in --workdir from its last checkpoint, with the settings "
+    "in its config.json (a flag given must match them).",
+)
+# Also defined, identically, by tools/export_tflite.py.
+flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace a previous run's outputs in --workdir.",
+    allow_override=True,
 )
 flags.DEFINE_enum(
-    "verbose", "auto", ["auto", "0", "1", "2"], "Keras progress: bars (1), lines (2)."
+    "verbose",
+    "auto",
+    ["auto", "0", "1", "2"],
+    "Keras progress: bars (1), one line per epoch (2); auto: bars on a "
+    "terminal, lines when the output is redirected.",
 )
 
 
@@ -161,6 +198,7 @@ for _name, _check in {
     "batch_size": _int("batch_size"),
     "learning_rate": _number("learning_rate", low=0.0, low_open=True),
     "weight_decay": _number("weight_decay", low=0.0, low_open=False),
+    "baseline": config_lib.check_baselines,
 }.items():
     flags.register_validator(_name, _validator(_check))
 
@@ -194,50 +232,133 @@ def _optimizer_takes_settings(values):
     return True
 
 
-def config_from_flags() -> config_lib.Config:
-    return config_lib.Config(
-        dataset=FLAGS.dataset,
-        data_dir=FLAGS.data_dir,
-        model=FLAGS.model,
-        width=FLAGS.width,
-        sparsities=tuple(float(s) for s in FLAGS.sparsities),
-        epochs_per_level=FLAGS.epochs_per_level,
-        batch_size=FLAGS.batch_size,
-        optimizer=FLAGS.optimizer,
-        learning_rate=FLAGS.learning_rate,
-        weight_decay=FLAGS.weight_decay,
-        sparsifier=FLAGS.sparsifier,
-        schedule=FLAGS.schedule,
-        selection=FLAGS.selection,
-        shared=FLAGS.shared,
-        recalibrate_bn=FLAGS.recalibrate_bn,
-        augment=FLAGS.augment,
-        export_tflite=FLAGS.export_tflite,
-        quantization=FLAGS.quantization,
-        baseline=FLAGS.baseline,
-        distribution=FLAGS.distribution,
-        seed=FLAGS.seed,
+def config_from_flags(base: config_lib.Config | None = None) -> config_lib.Config:
+    """The run's settings: the flags, or `base` where a flag was not given."""
+    values = {
+        "dataset": FLAGS.dataset,
+        "data_dir": FLAGS.data_dir,
+        "model": FLAGS.model,
+        "width": FLAGS.width,
+        "sparsities": tuple(float(s) for s in FLAGS.sparsities),
+        "epochs_per_level": FLAGS.epochs_per_level,
+        "batch_size": FLAGS.batch_size,
+        "optimizer": FLAGS.optimizer,
+        "learning_rate": FLAGS.learning_rate,
+        "weight_decay": FLAGS.weight_decay,
+        "sparsifier": FLAGS.sparsifier,
+        "schedule": FLAGS.schedule,
+        "selection": FLAGS.selection,
+        "shared": FLAGS.shared,
+        "recalibrate_bn": FLAGS.recalibrate_bn,
+        "augment": FLAGS.augment,
+        "export_tflite": FLAGS.export_tflite,
+        "quantization": FLAGS.quantization,
+        "baseline": FLAGS.baseline,
+        "distribution": FLAGS.distribution,
+        "seed": FLAGS.seed,
+    }
+    if base is None:
+        return config_lib.Config(**values)
+    given = {k: v for k, v in values.items() if FLAGS[k].present}
+    if given.get("model") == config_lib.AUTO:
+        given.pop("model")  # the saved config holds the model "auto" chose
+    return config_lib.Config(**{**base.to_dict(), **given})
+
+
+def _program() -> str:
+    """How the user started this program, for the commands it suggests."""
+    name = sys.argv[0]
+    if name.endswith(".py"):
+        return f"python {shlex.quote(name)}"
+    return os.path.basename(name)
+
+
+def _stopped_at(workdir: str, config: config_lib.Config) -> str:
+    """Where an interrupted run stands, from its last checkpoint."""
+    try:
+        state = checkpoint.latest(os.path.join(workdir, "checkpoints"))
+    except (OSError, ValueError):
+        state = None
+    num_levels = len(config.sparsities)
+    if state is None:
+        return "before its first checkpoint (level 0, epoch 0)"
+    if state["level"] >= num_levels:
+        return (
+            f"after training all {num_levels} levels (in evaluation, export, "
+            "a baseline or the report)"
+        )
+    return (
+        f"in level {state['level']} of {num_levels}, after epoch "
+        f"{state['epoch_in_level']} of {config.epochs_per_level}"
     )
+
+
+def _fail(message: str) -> None:
+    """Stops the program with one line, as absl does for a bad flag."""
+    print(f"FATAL {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from elsa_tf.experiments import report as report_lib
     from elsa_tf.experiments import run
 
     if not FLAGS["verbosity"].present:
         # The TFLite converter logs every step at INFO; -v 0 shows it again.
         logging.set_verbosity(logging.WARNING)
-    verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
-    report = run.train_and_evaluate(
-        config_from_flags(), FLAGS.workdir, resume=FLAGS.resume, verbose=verbose
-    )
+    verbose = FLAGS.verbose
+    if verbose == "auto":
+        # Progress bars rewrite their line with \r and ANSI codes: in a log
+        # file that is noise, one line per epoch is not.
+        verbose = 1 if sys.stdout.isatty() else 2
+    workdir = FLAGS.workdir
+    config = None
+    try:
+        # --resume takes the run's settings from its config.json; a flag given
+        # with it must agree with them.
+        saved = run.saved_config(workdir) if FLAGS.resume else None
+        config = config_from_flags(saved)
+        report = run.train_and_evaluate(
+            config,
+            workdir,
+            resume=FLAGS.resume,
+            overwrite=FLAGS.overwrite,
+            verbose=int(verbose),
+        )
+    except run.SetupError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        where = "" if config is None else f" {_stopped_at(workdir, config)}"
+        print(
+            f"\nInterrupted{where}. Continue with: {_program()} "
+            f"--workdir={shlex.quote(workdir)} --resume (the other settings are "
+            "read from its config.json)",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(_INTERRUPTED)
+    from elsa_tf.experiments import report as report_lib
+
     print()
     print(report_lib.render_markdown(report))
-    print(f"Outputs in {os.path.abspath(FLAGS.workdir)}")
+    print(f"Outputs in {os.path.abspath(workdir)}")
+
+
+def _declare_help() -> None:
+    """Makes --help and --helpshort list this program's flags.
+
+    absl lists the key flags of the main module, which it names by
+    `sys.argv[0]`; the console script's main module defines none.
+    """
+    for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    main_module = sys.modules["__main__"]
+    if not main_module.__doc__:
+        main_module.__doc__ = USAGE
 
 
 def run():
-    """The `elsa-train` console script."""
+    """The `elsa-train` console script (and `python examples/train.py`)."""
+    _declare_help()
     app.run(main)

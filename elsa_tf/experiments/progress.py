@@ -1,9 +1,10 @@
-"""`LevelProgress`: the level in view while training, and TensorBoard per level.
+"""`LevelProgress`: the level's sparsity in the progress, TensorBoard per level.
 
-At the start of every level it prints which level trains, at what sparsity
-and how many weights it may use; at the end of every epoch it adds the
-level's achieved sparsity to the epoch's logs (so Keras's progress bar shows
-it) and writes the logs under `log_dir/level_<k>` for TensorBoard.
+At the end of every epoch it adds the level's achieved sparsity to the
+epoch's logs (so Keras's progress bar shows it) and writes the logs under
+`log_dir/level_<k>` for TensorBoard. The line at the start of every level
+(which level, its sparsity, how many weights it may use) is
+`LevelScheduler`'s.
 """
 
 from __future__ import annotations
@@ -17,22 +18,19 @@ from elsa_tf import model_ops, reporting
 
 
 class LevelProgress(keras.callbacks.Callback):
-    """Prints each level's header; logs loss, accuracy and sparsity per level.
+    """Logs loss, accuracy and sparsity per level.
 
     Place it after the `LevelScheduler` (as `elsa_tf.fit` places user
     callbacks) and before Keras's progress bar, which Keras adds last.
 
     Args:
         log_dir: TensorBoard directory, or None for no TensorBoard logs.
-        verbose: print a header line at the start of each level.
     """
 
-    def __init__(self, log_dir=None, verbose: bool = True):
+    def __init__(self, log_dir=None):
         super().__init__()
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
-        self.verbose = verbose
         self._writers = {}
-        self._announced = None
 
     def _writer(self, level: int):
         if level not in self._writers:
@@ -41,18 +39,7 @@ class LevelProgress(keras.callbacks.Callback):
         return self._writers[level]
 
     def on_epoch_begin(self, epoch, logs=None):
-        model = self.model
-        self._level = model_ops.current_level(model)
-        if self.verbose and self._level != self._announced:
-            rows = reporting.summary(model)
-            target, total = rows[self._level]["target_sparsity"], rows[0]["total"]
-            print(
-                f"Level {self._level} of {len(rows)}: target sparsity "
-                f"{target:.2%}, {round(total * (1 - target)):,} of {total:,} "
-                "prunable weights",
-                flush=True,
-            )
-            self._announced = self._level
+        self._level = model_ops.current_level(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:

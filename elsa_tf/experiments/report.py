@@ -6,13 +6,17 @@ this shape (report.json is exactly this dict):
 
     {"config": {...flags...}, "dataset": str, "model": str,
      "runtime": str | None,
+     "methods": {"elsa": str, <baseline name>: str, ...},
      "levels": [{"level", "target_sparsity", "achieved_sparsity", "accuracy",
                  "tflite_accuracy", "tflite_bytes", "latency_ms",
-                 "baseline": None | {"achieved_sparsity", "accuracy",
-                                     "tflite_bytes", "train_seconds"}}],
-     "training_seconds": {"elsa": float, "baseline": float | None},
+                 "baselines": {<baseline name>: {"achieved_sparsity",
+                     "accuracy", "tflite_bytes", "train_seconds"}}}],
+     "training_seconds": {"elsa": float, "baselines": {<name>: float}},
      "storage_bytes": {"elsa_bundle": int | None, "elsa_levels": int | None,
-                       "baseline_models": int | None}}
+                       "baselines": {<name>: int}}}
+
+`methods` says how each side pruned (e.g. ELSA's global ranking against
+tfmot's per-layer one); the report names them wherever they are compared.
 
 Sparsities and accuracies are fractions in [0, 1]; any value but a level's
 index, target sparsity, achieved sparsity and accuracy may be None (not
@@ -125,7 +129,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     """
     validate(report)
     levels = report["levels"]
-    with_baseline = _has_baseline(report)
+    names = _baseline_names(report)
+    methods = report.get("methods") or {}
     lines = [f"# ELSA report: {report['dataset']} / {report['model']}", ""]
     config = report.get("config") or {}
     if config:
@@ -133,6 +138,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"**Config:** `{items}`", ""]
     if report.get("runtime"):
         lines += [f"**Runtime:** {report['runtime']}", ""]
+    if methods:
+        lines += ["**Methods:**", ""]
+        lines += [f"- {_side(name)}: {methods[name]}" for name in methods]
+        lines.append("")
 
     lines += ["## Levels", ""]
     header = [
@@ -144,11 +153,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "TFLite size",
         "Latency (ms)",
     ]
-    if with_baseline:
+    for name in names:
         header += [
-            "Baseline accuracy",
-            "ELSA − baseline (points)",
-            "Baseline TFLite size",
+            f"{name} accuracy",
+            f"ELSA − {name} (points)",
+            f"{name} TFLite size",
         ]
     rows = []
     for level in levels:
@@ -161,8 +170,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             _size(level.get("tflite_bytes")),
             _milliseconds(level.get("latency_ms")),
         ]
-        if with_baseline:
-            baseline = level.get("baseline") or {}
+        for name in names:
+            baseline = (level.get("baselines") or {}).get(name) or {}
             row += [
                 _percent(baseline.get("accuracy")),
                 _points(level["accuracy"], baseline.get("accuracy")),
@@ -171,16 +180,17 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         rows.append(row)
     lines += _table(header, rows, align=["right"] * len(header))
     lines.append("")
-    if with_baseline:
+    if names:
         lines += [
             "ELSA − baseline: ELSA's accuracy minus the baseline's, in "
-            "percentage points (positive: ELSA is better). The baseline trains "
-            "one separate model per level.",
+            "percentage points (positive: ELSA is better). A baseline trains "
+            "one separate model per level; see the methods above for how each "
+            "side ranks the weights it prunes.",
             "",
         ]
 
     lines += ["## Totals", ""]
-    lines += _table(*_totals(report, with_baseline))
+    lines += _table(*_totals(report, names))
     lines.append("")
 
     lines += ["## Accuracy against sparsity", "", "![accuracy](report.png)", ""]
@@ -199,8 +209,10 @@ def plot(report: Mapping[str, Any], path: str) -> None:
     """Plots test accuracy against achieved sparsity into a PNG file.
 
     The ELSA levels form one line, each point labelled with its level index;
-    the baseline, when one was run, a second one. The y axis is zoomed to the
-    data. Only the Keras accuracy is plotted (the TFLite one is in the table).
+    each baseline another, each named by its method. The y axis spans at
+    least `_MIN_ACCURACY_SPAN` points, so that a spread of a point or two
+    looks as small as it is. Only the Keras accuracy is plotted (the TFLite
+    one is in the table).
 
     Args:
         report: the report dict (see the module docstring).
@@ -224,13 +236,18 @@ def _figure(report: Mapping[str, Any]):
         for lv in report["levels"]
         if lv["accuracy"] is not None and lv["achieved_sparsity"] is not None
     )
-    baseline = sorted(
-        (100 * b["achieved_sparsity"], 100 * b["accuracy"])
-        for b in (lv.get("baseline") for lv in report["levels"])
-        if b
-        and b.get("accuracy") is not None
-        and b.get("achieved_sparsity") is not None
-    )
+    methods = report.get("methods") or {}
+    baselines = {
+        name: sorted(
+            (100 * b["achieved_sparsity"], 100 * b["accuracy"])
+            for b in ((lv.get("baselines") or {}).get(name) for lv in report["levels"])
+            if b
+            and b.get("accuracy") is not None
+            and b.get("achieved_sparsity") is not None
+        )
+        for name in _baseline_names(report)
+    }
+    baselines = {name: curve for name, curve in baselines.items() if curve}
 
     fig = Figure(figsize=(6, 4), dpi=150, layout="constrained")
     ax = fig.subplots()
@@ -244,32 +261,40 @@ def _figure(report: Mapping[str, Any]):
             lw=2,
             ms=6,
             zorder=3,
-            label="ELSA levels (one model)",
+            label=methods.get("elsa", "ELSA levels (one model)"),
         )
-    if baseline:
-        bx, by = zip(*baseline)
+    styles = [("s--", "tab:orange"), ("^:", "tab:green"), ("D-.", "tab:red")]
+    for i, (name, curve) in enumerate(baselines.items()):
+        bx, by = zip(*curve)
+        marker, color = styles[i % len(styles)]
         ax.plot(
             bx,
             by,
-            "s--",
-            color="tab:orange",
+            marker,
+            color=color,
             lw=1.5,
             ms=5,
             zorder=2,
-            label="Baseline (one model per level)",
+            label=f"{name}: {methods.get(name, 'one model per level')}",
         )
-    points = [p[:2] for p in elsa + baseline]
+    points = [p[:2] for p in elsa] + [p for c in baselines.values() for p in c]
     if points:
-        # Zoomed to the data (accuracies often all lie within a few points),
-        # with room around the extreme points for their labels.
+        # A y span of at least _MIN_ACCURACY_SPAN points: zooming closer
+        # makes a 1-point spread look like a cliff. Room around the extreme
+        # points for their labels.
         xs, ys = zip(*points)
         ax.set_xlim(*_limits(xs, min_span=10, pad=0.06))
-        ax.set_ylim(*_limits(ys, min_span=1, pad=0.15))
+        ax.set_ylim(*_limits(ys, min_span=_MIN_ACCURACY_SPAN, pad=0.15))
     ax.set_xlabel("Achieved sparsity (%)")
     ax.set_ylabel("Test accuracy (%)")
     ax.set_title(f"{report['dataset']} / {report['model']}")
     ax.grid(True, alpha=0.3)
-    curves = [c for c in (elsa, baseline) if c]
+    curves = [c for c in (elsa, *baselines.values()) if c]
+    if curves:
+        # Below the axes: the method names are long, and inside the axes a
+        # legend hides the lines it names. Placed before the labels, whose
+        # sides are chosen on the final layout.
+        fig.legend(loc="outside lower center", fontsize=7)
     for (x, y, level), (ha, va, dx, dy) in zip(elsa, _label_sides(ax, elsa, curves)):
         ax.annotate(
             _label(level),
@@ -281,50 +306,42 @@ def _figure(report: Mapping[str, Any]):
             fontsize=_LABEL_FONTSIZE,
             color="tab:blue",
         )
-    if curves:
-        # "best" also steers clear of the level labels drawn above.
-        ax.legend(loc="best", fontsize=8)
     return fig
 
 
-def _has_baseline(report: Mapping[str, Any]) -> bool:
-    return any(level.get("baseline") for level in report["levels"])
+def _baseline_names(report: Mapping[str, Any]) -> list[str]:
+    """The baselines in the report, in the order of `methods`, then of levels."""
+    names = [n for n in report.get("methods") or {} if n != "elsa"]
+    for level in report["levels"]:
+        names += [n for n in level.get("baselines") or {} if n not in names]
+    return [
+        n
+        for n in names
+        if any((lv.get("baselines") or {}).get(n) for lv in report["levels"])
+    ]
 
 
-def _totals(report: Mapping[str, Any], with_baseline: bool):
+def _side(name: str) -> str:
+    return "ELSA" if name == "elsa" else name
+
+
+def _totals(report: Mapping[str, Any], names: list[str]):
     seconds = report.get("training_seconds") or {}
     storage = report.get("storage_bytes") or {}
-    if not with_baseline:
-        header = ["", "ELSA"]
-        rows = [
-            ["Training time", _duration(seconds.get("elsa"))],
-            ["Storage: bundle (all levels)", _size(storage.get("elsa_bundle"))],
-            ["Storage: per-level files (sum)", _size(storage.get("elsa_levels"))],
-        ]
-        return header, rows, ["left", "right"]
-    header = ["", "ELSA", "Baseline", "ELSA / baseline"]
-    baseline_models = storage.get("baseline_models")
+    header = ["", "ELSA"]
     rows = [
-        [
-            "Training time",
-            _duration(seconds.get("elsa")),
-            _duration(seconds.get("baseline")),
-            _ratio(seconds.get("elsa"), seconds.get("baseline")),
-        ],
-        [
-            "Storage: ELSA bundle vs separate models (sum)",
-            _size(storage.get("elsa_bundle")),
-            _size(baseline_models),
-            _ratio(storage.get("elsa_bundle"), baseline_models),
-        ],
-        [
-            "Storage: per-level files (sum) vs separate models (sum)",
-            _size(storage.get("elsa_levels")),
-            _size(baseline_models),
-            _ratio(storage.get("elsa_levels"), baseline_models),
-        ],
+        ["Training time", _duration(seconds.get("elsa"))],
+        ["Storage: bundle (all levels)", _size(storage.get("elsa_bundle"))],
+        ["Storage: per-level files (sum)", _size(storage.get("elsa_levels"))],
     ]
-    return header, rows, ["left", "right", "right", "right"]
+    for name in names:
+        header += [f"{name} (sum of models)", f"ELSA / {name}"]
+        base_seconds = (seconds.get("baselines") or {}).get(name)
+        base_bytes = (storage.get("baselines") or {}).get(name)
+        rows[0] += [_duration(base_seconds), _ratio(seconds.get("elsa"), base_seconds)]
+        rows[1] += [_size(base_bytes), _ratio(storage.get("elsa_bundle"), base_bytes)]
+        rows[2] += [_size(base_bytes), _ratio(storage.get("elsa_levels"), base_bytes)]
+    return header, rows, ["left"] + ["right"] * (len(header) - 1)
 
 
 def _table(header: list[str], rows: list[list[str]], align: list[str]) -> list[str]:
@@ -360,6 +377,8 @@ _LABEL_SIDES = (
     ("right", "center", -6, 0),
 )
 _LABEL_FONTSIZE = 8
+# The plot's smallest y span, in accuracy points.
+_MIN_ACCURACY_SPAN = 10
 # A side this far (in points) from every line and label is good enough; among
 # the sides that are not, the farthest wins.
 _LABEL_CLEARANCE = 4

@@ -3,13 +3,20 @@
 It embeds the zoo model, trains every level with `elsa_tf.fit` (a checkpoint
 after every epoch; `resume=True` continues from the last one, mid-level
 included), evaluates every level, exports them to TFLite and times them with
-the TFLite runtime, trains the independent tfmot baseline when asked, and
-writes `report.md`, `report.json` and `report.png` into `workdir`.
+the TFLite runtime, trains the baselines asked for, and writes `report.md`,
+`report.json` and `report.png` into `workdir`.
+
+Before it writes anything, `prepare` checks what can go wrong with the disk
+and the environment: `workdir` is not a directory, holds a previous run
+(refused without `resume` or `overwrite`), or holds nothing to resume; an
+optional package the run needs is missing; the data is not prepared. Each
+raises `SetupError` with a one-line message.
 
 Layout of `workdir`: `config.json` (the resolved configuration),
 `checkpoints/`, `tensorboard/level_<k>/`, `model.keras` (the trained embedded
-model), `tflite/` (the export and its manifest), `baseline/` (the baseline's
-TFLite files) and the three report files.
+model), `tflite/` (the export and its manifest), `baseline/` (the tfmot
+baseline's TFLite files), `baseline_elsa/` (the single-level elsa_tf
+baseline's exports) and the three report files.
 """
 
 from __future__ import annotations
@@ -22,13 +29,33 @@ import numpy as np
 import tensorflow as tf
 
 import elsa_tf
-from elsa_tf.experiments import checkpoint, datasets, optimizers, progress, zoo
+from elsa_tf.experiments import (
+    checkpoint,
+    datasets,
+    optimizers,
+    progress,
+    startup,
+    zoo,
+)
+from elsa_tf.experiments import config as config_lib
 from elsa_tf.experiments import report as report_lib
 from elsa_tf.experiments.config import Config
 
 CONFIG_FILE = "config.json"
-# Outputs of a previous run that a fresh (not resumed) run replaces.
-_RUN_OUTPUTS = ("checkpoints", "tensorboard", "tflite", "baseline", "model.keras")
+# Outputs of a previous run, which a new run refuses or, with overwrite,
+# replaces.
+_RUN_OUTPUTS = (
+    CONFIG_FILE,
+    "checkpoints",
+    "tensorboard",
+    "tflite",
+    "baseline",
+    "baseline_elsa",
+    "model.keras",
+    "report.json",
+    "report.md",
+    "report.png",
+)
 # Latency is the median of this many single-example invokes, on one thread:
 # what a small device does, and steadier than the runtime's thread pool.
 _LATENCY_REPEATS = 50
@@ -50,33 +77,134 @@ def _strategy(distribution: str):
     return tf.distribute.get_strategy()
 
 
-def _prepare_workdir(config: Config, workdir: str, resume: bool) -> None:
+class SetupError(ValueError):
+    """A run that cannot start, found before anything is written (one line)."""
+
+
+def saved_config(workdir) -> Config:
+    """The settings of the run in `workdir`, to resume it.
+
+    Raises:
+        SetupError: `workdir` holds no readable `config.json`.
+    """
+    path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise SetupError(
+            f"Nothing to resume in --workdir={workdir!r}: it holds no {CONFIG_FILE} "
+            "from an earlier run. Start the run without --resume."
+        )
+    try:
+        return Config.load(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise SetupError(f"Cannot resume from {path}: {e}") from None
+
+
+def _check_workdir(workdir: str) -> None:
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise SetupError(
+            f"--workdir must be a directory, and {path} is a file. "
+            f"Received: --workdir={workdir!r}"
+        )
+
+
+def _check_extras(config: Config) -> None:
+    needed = config_lib.required_modules(config)
+    missing = startup.missing_extras(needed)
+    if missing:
+        why = ", ".join(
+            f"{startup.PACKAGES.get(m, m)} ({needed[m]})"
+            for m in needed
+            if startup.PACKAGES.get(m, m) in missing
+        )
+        raise SetupError(
+            f"This run needs {why}, not installed. Install the training "
+            f"program's extra: {startup.EXTRA_INSTALL}"
+        )
+
+
+def _previous_outputs(workdir: str) -> list[str]:
+    if not os.path.isdir(workdir):
+        return []
+    return [n for n in _RUN_OUTPUTS if os.path.lexists(os.path.join(workdir, n))]
+
+
+def _check_resumable(config: Config, workdir: str) -> None:
+    saved = saved_config(workdir)
+    changed = {
+        k: (v, getattr(config, k))
+        for k, v in saved.to_dict().items()
+        if v != config.to_dict()[k]
+    }
+    if changed:
+        details = ", ".join(
+            f"{k}={new!r} (the run has {old!r})" for k, (old, new) in changed.items()
+        )
+        raise SetupError(
+            f"Cannot resume the run in {workdir} with other settings. "
+            f"Received: {details}"
+        )
+
+
+def _load_data(config: Config):
+    try:
+        return datasets.load(config.dataset, data_dir=config.data_dir, seed=config.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise SetupError(str(e)) from None
+
+
+def prepare(
+    config: Config, workdir, *, resume: bool = False, overwrite: bool = False
+) -> tuple[Config, datasets.Dataset]:
+    """Checks that the run can start, loads its data, then sets up `workdir`.
+
+    Every check comes before the first write: a run that cannot start leaves
+    the disk as it was.
+
+    Returns:
+        The resolved config (saved as `workdir/config.json`) and the data.
+
+    Raises:
+        SetupError: `workdir` is not a directory; it holds a previous run and
+            neither `resume` nor `overwrite` is given; `resume` finds no run
+            there or other settings; an optional package the run needs is not
+            installed; the data cannot be loaded.
+    """
+    workdir = os.fspath(workdir)
+    config = config.resolved()
+    if resume and overwrite:
+        raise SetupError(
+            "--resume continues the run in --workdir and --overwrite replaces "
+            "it: give one of them."
+        )
+    _check_workdir(workdir)
+    _check_extras(config)
+    if resume:
+        _check_resumable(config, workdir)
+    elif not overwrite:
+        previous = _previous_outputs(workdir)
+        if previous:
+            raise SetupError(
+                f"--workdir={workdir!r} holds a previous run ({', '.join(previous)}): "
+                "pass --resume to continue it, --overwrite to replace it, or "
+                "another --workdir."
+            )
+    keras.utils.set_random_seed(config.seed)
+    data = _load_data(config)
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    if resume and os.path.exists(path):
-        saved = Config.load(path)
-        changed = {
-            k: (v, getattr(config, k))
-            for k, v in saved.to_dict().items()
-            if v != config.to_dict()[k]
-        }
-        if changed:
-            details = ", ".join(
-                f"{k}={new!r} (the run has {old!r})"
-                for k, (old, new) in changed.items()
-            )
-            raise ValueError(
-                f"Cannot resume the run in {workdir} with other settings. "
-                f"Received: {details}"
-            )
-    elif not resume:
-        for name in _RUN_OUTPUTS:
+    if overwrite and _previous_outputs(workdir):
+        previous = _previous_outputs(workdir)
+        print(f"Replacing the previous run in {workdir}: {', '.join(previous)}")
+        for name in previous:
             target = os.path.join(workdir, name)
-            if os.path.isdir(target):
+            if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
-            elif os.path.exists(target):
+            else:
                 os.remove(target)
-    config.save(path)
+    config.save(os.path.join(workdir, CONFIG_FILE))
+    return config, data
 
 
 def _build(config: Config, data) -> keras.Model:
@@ -108,8 +236,9 @@ def train(
             model = checkpoint.load(state)
             if verbose:
                 print(
-                    f"Resuming from {state['path']}: level {state['level']}, "
-                    f"{state['epoch_in_level']} epochs into it.",
+                    f"Resuming from {state['path']}: level {state['level']} of "
+                    f"{num_levels}, {state['epoch_in_level']} of "
+                    f"{config.epochs_per_level} epochs into it.",
                     flush=True,
                 )
         if state["level"] < num_levels:
@@ -134,9 +263,7 @@ def train(
                 shuffle=False,  # the pipeline shuffles, seeded
                 validation_data=data.test(max(config.batch_size, 256)),
                 callbacks=[
-                    progress.LevelProgress(
-                        os.path.join(workdir, "tensorboard"), verbose=bool(verbose)
-                    ),
+                    progress.LevelProgress(os.path.join(workdir, "tensorboard")),
                     checkpointer,
                 ],
                 verbose=verbose,
@@ -179,6 +306,24 @@ def export(config: Config, model, data, workdir: str) -> tuple[dict, list]:
         representative_data=representative,
         evaluation_data=(x_test, y_test),
         overwrite=True,
+        # What datasets.load does to raw inputs, so the device can do it too:
+        # float32 = raw * scale. sklearn's digits are 0-16; tfds and .npz
+        # uint8 images are 0-255; MNIST-1D and float .npz arrays are used
+        # as stored (scale 1).
+        preprocessing={
+            "dataset": config.dataset,
+            "dtype": "float32",
+            "layout": {1: "NC", 2: "NWC", 3: "NHWC"}.get(len(data.input_shape)),
+            "scale": 1 / 16
+            if config.dataset == "digits"
+            else 1 / 255
+            if config.dataset in datasets.TFDS_NAMES
+            or (
+                config.dataset not in datasets.DATASETS
+                and np.load(config.dataset)["x_test"].dtype == np.uint8
+            )
+            else 1.0,
+        },
     )
     runner = LevelRunner(out_dir, num_threads=1)
     latencies = [
@@ -190,63 +335,90 @@ def export(config: Config, model, data, workdir: str) -> tuple[dict, list]:
     return manifest, latencies
 
 
-def run_baseline(
-    config: Config, data, workdir: str, verbose, recalibration_data
-) -> list[dict]:
-    """The independent tfmot baseline: one separately pruned model per level."""
-    from elsa_tf.experiments import baseline
-
-    return baseline.train_independent(
-        lambda: zoo.build(
-            config.model,
-            data.input_shape,
-            data.num_classes,
-            backend="tf_keras",
-            width=config.width,
-        ),
-        data,
-        config.sparsities,
-        epochs=config.epochs_per_level,
-        batch_size=config.batch_size,
-        optimizer=optimizers.factory(
-            config.optimizer,
-            config.learning_rate,
-            config.weight_decay,
-            backend="tf_keras",
-        ),
-        schedule=elsa_tf.LevelSchedule(config.schedule),
-        seed=config.seed,
-        workdir=workdir,
-        verbose=verbose,
-        augment=config.augment,
-        recalibration_data=recalibration_data,
+def _baseline_header(config: Config, name: str, level: int, target: float):
+    print(
+        f"Baseline {name}, model {level + 1} of {len(config.sparsities)}: "
+        f"target sparsity {target:.2%}; {config_lib.method(name, config)}",
+        flush=True,
     )
 
 
+def run_baselines(
+    config: Config, data, workdir: str, verbose, recalibration_data
+) -> dict[str, list[dict]]:
+    """The baselines of `config.baseline`: one separate model per level each."""
+    from elsa_tf.experiments import baseline
+
+    rows = {}
+    for name in config.baseline:
+        backend = "tf_keras" if name == "independent" else "keras"
+        common = dict(
+            build=lambda backend=backend: zoo.build(
+                config.model,
+                data.input_shape,
+                data.num_classes,
+                backend=backend,
+                width=config.width,
+            ),
+            dataset=data,
+            sparsities=config.sparsities,
+            epochs=config.epochs_per_level,
+            batch_size=config.batch_size,
+            optimizer=optimizers.factory(
+                config.optimizer,
+                config.learning_rate,
+                config.weight_decay,
+                backend=backend,
+            ),
+            schedule=elsa_tf.LevelSchedule(config.schedule),
+            seed=config.seed,
+            workdir=workdir,
+            verbose=verbose,
+            augment=config.augment,
+            recalibration_data=recalibration_data,
+            on_start=_header(config, name) if verbose else None,
+        )
+        if name == "independent":
+            rows[name] = baseline.train_independent(**common)
+        else:
+            rows[name] = baseline.train_independent_elsa(
+                **common, selection=config.selection, shared=config.shared
+            )
+    return rows
+
+
+def _header(config: Config, name: str):
+    return lambda level, target: _baseline_header(config, name, level, target)
+
+
 def train_and_evaluate(
-    config: Config, workdir, *, resume: bool = False, verbose="auto"
+    config: Config,
+    workdir,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    verbose="auto",
 ) -> dict:
-    """Runs training, evaluation, export and the baseline; writes the report.
+    """Runs training, evaluation, export and the baselines; writes the report.
 
     Args:
         config: the run's settings.
         workdir: the run's directory (created if needed).
         resume: continue the run in `workdir` from its last checkpoint (with
-            the same settings); without it, a previous run's outputs there are
-            replaced.
+            the same settings).
+        overwrite: replace a previous run's outputs in `workdir`; without it
+            (or `resume`), a previous run there is refused.
         verbose: Keras's `verbose` for training (progress bars: `"auto"`/1).
 
     Returns:
         The report, as written to `report.json`.
 
     Raises:
-        ValueError: when resuming with settings other than the run's.
+        SetupError: before anything is written, when the run cannot start
+            (see `prepare`), e.g. when resuming with other settings.
     """
     workdir = os.fspath(workdir)
-    config = config.resolved()
-    _prepare_workdir(config, workdir, resume)
-    keras.utils.set_random_seed(config.seed)
-    data = datasets.load(config.dataset, data_dir=config.data_dir, seed=config.seed)
+    config, data = prepare(config, workdir, resume=resume, overwrite=overwrite)
     recalibration_data = _recalibration_data(config, data)
     model, seconds = train(
         config,
@@ -261,10 +433,11 @@ def train_and_evaluate(
     accuracies = evaluate(model, x_test, y_test)
     manifest, latencies = None, None
     if config.export_tflite:
-        manifest, latencies = export(config, model, data, workdir)
-    baseline_rows = None
-    if config.baseline == "independent":
-        baseline_rows = run_baseline(config, data, workdir, verbose, recalibration_data)
+        # The converter and the TFLite runtime log to stderr from C++ (shown
+        # if the export fails).
+        with startup.captured_stderr():
+            manifest, latencies = export(config, model, data, workdir)
+    baseline_rows = run_baselines(config, data, workdir, verbose, recalibration_data)
 
     levels = []
     for row in elsa_tf.summary(model):
@@ -279,16 +452,17 @@ def train_and_evaluate(
                 "tflite_accuracy": file_row.get("accuracy"),
                 "tflite_bytes": file_row.get("bytes"),
                 "latency_ms": latencies[k] if latencies else None,
-                "baseline": None
-                if baseline_rows is None
-                else {
-                    key: baseline_rows[k][key]
-                    for key in (
-                        "achieved_sparsity",
-                        "accuracy",
-                        "tflite_bytes",
-                        "train_seconds",
-                    )
+                "baselines": {
+                    name: {
+                        key: rows[k][key]
+                        for key in (
+                            "achieved_sparsity",
+                            "accuracy",
+                            "tflite_bytes",
+                            "train_seconds",
+                        )
+                    }
+                    for name, rows in baseline_rows.items()
                 },
             }
         )
@@ -298,21 +472,26 @@ def train_and_evaluate(
         "dataset": config.dataset,
         "model": config.model,
         "runtime": manifest["runtime_checked"] if manifest else None,
+        "methods": {
+            name: config_lib.method(name, config) for name in ("elsa", *baseline_rows)
+        },
         "levels": levels,
         "training_seconds": {
             "elsa": seconds,
-            "baseline": None
-            if baseline_rows is None
-            else float(sum(r["train_seconds"] for r in baseline_rows)),
+            "baselines": {
+                name: float(sum(r["train_seconds"] for r in rows))
+                for name, rows in baseline_rows.items()
+            },
         },
         "storage_bytes": {
             "elsa_bundle": bundle["bytes"] if bundle else None,
             "elsa_levels": sum(r["bytes"] for r in manifest["levels"])
             if manifest
             else None,
-            "baseline_models": None
-            if baseline_rows is None
-            else int(sum(r["tflite_bytes"] for r in baseline_rows)),
+            "baselines": {
+                name: int(sum(r["tflite_bytes"] for r in rows))
+                for name, rows in baseline_rows.items()
+            },
         },
     }
     report_lib.write(workdir, report)

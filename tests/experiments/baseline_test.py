@@ -312,3 +312,52 @@ def test_keras_3_model_or_optimizer_is_refused():
             schedule=None,
             seed=0,
         )
+
+
+def test_independent_elsa_models_train_as_elsa_would(tmp_path):
+    """The single-level elsa_tf baseline: one model per sparsity, each trained
+    with ELSA's settings, so the sparsest one is ELSA's level 0 exactly."""
+    from conftest import LOSS, cnn_with_bn
+
+    data = _dataset()
+    started = []
+    common = {
+        "epochs": 1,
+        "batch_size": 32,
+        "optimizer": optimizers.factory("adam", 1e-2),
+        "schedule": elsa_tf.LevelSchedule(),
+        "seed": 0,
+        "augment": False,
+    }
+    rows = baseline.train_independent_elsa(
+        cnn_with_bn,
+        data,
+        SPARSITIES,
+        workdir=str(tmp_path),
+        on_start=lambda level, target: started.append((level, target)),
+        **common,
+    )
+    assert started == [(0, 0.5), (1, 0.0)]
+    for row, target in zip(rows, SPARSITIES):
+        assert row["target_sparsity"] == target
+        assert row["achieved_sparsity"] == pytest.approx(target, abs=0.01)
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["train_seconds"] > 0
+        assert os.path.getsize(row["tflite_path"]) == row["tflite_bytes"]
+
+    keras.utils.set_random_seed(0)
+    model = elsa_tf.embed(
+        cnn_with_bn(), SPARSITIES, selection="global", schedule=common["schedule"]
+    )
+    elsa_tf.fit(
+        model,
+        data.train(32, seed=0),
+        epochs_per_level=1,
+        optimizer=common["optimizer"],
+        loss=LOSS,
+        levels=[0],
+        shuffle=False,
+        verbose=0,
+    )
+    x, y = data.test_arrays()
+    predicted = elsa_tf.extract(model, 0).predict(x, verbose=0).argmax(axis=-1)
+    assert rows[0]["accuracy"] == pytest.approx(float(np.mean(predicted == y)))

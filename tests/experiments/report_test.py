@@ -21,17 +21,23 @@ def _level(k, sparsity, accuracy, baseline_accuracy=None, **overrides):
         "tflite_accuracy": accuracy,
         "tflite_bytes": 10 * 1024,
         "latency_ms": 0.25,
-        "baseline": None
+        "baselines": {}
         if baseline_accuracy is None
         else {
-            "achieved_sparsity": sparsity,
-            "accuracy": baseline_accuracy,
-            "tflite_bytes": 12 * 1024,
-            "train_seconds": 30.0,
+            "independent": {
+                "achieved_sparsity": sparsity,
+                "accuracy": baseline_accuracy,
+                "tflite_bytes": 12 * 1024,
+                "train_seconds": 30.0,
+            }
         },
     }
     level.update(overrides)
     return level
+
+
+ELSA = "ELSA (gradual magnitude, global ranking), one model for all levels"
+TFMOT = "tfmot prune_low_magnitude (per-layer ranking), one model per level"
 
 
 def _report(baseline=True):
@@ -41,6 +47,7 @@ def _report(baseline=True):
         "dataset": "digits",
         "model": "cnn",
         "runtime": "ai_edge_litert",
+        "methods": {"elsa": ELSA, **({"independent": TFMOT} if baseline else {})},
         "levels": [
             _level(
                 0,
@@ -54,11 +61,14 @@ def _report(baseline=True):
             _level(1, 0.5, 0.987, b(0.99), tflite_accuracy=None, latency_ms=None),
             _level(2, 0.0, 0.989, b(0.989), tflite_bytes=None),
         ],
-        "training_seconds": {"elsa": 342.5, "baseline": 685.0 if baseline else None},
+        "training_seconds": {
+            "elsa": 342.5,
+            "baselines": {"independent": 685.0} if baseline else {},
+        },
         "storage_bytes": {
             "elsa_bundle": 20 * 1024,
             "elsa_levels": 30 * 1024,
-            "baseline_models": 40 * 1024 if baseline else None,
+            "baselines": {"independent": 40 * 1024} if baseline else {},
         },
     }
 
@@ -90,29 +100,50 @@ def test_markdown_totals_compare_elsa_with_the_baseline():
     md = report_lib.render_markdown(_report())
     rows = _rows(md)
     assert "| Training time | 5 min 42 s | 11 min 25 s | 0.50× |" in rows
+    assert "| Storage: bundle (all levels) | 20.0 KiB | 40.0 KiB | 0.50× |" in rows
+    assert "| Storage: per-level files (sum) | 30.0 KiB | 40.0 KiB | 0.75× |" in rows
+
+
+def test_markdown_names_the_method_of_each_side():
+    md = report_lib.render_markdown(_report())
+    assert f"- ELSA: {ELSA}\n- independent: {TFMOT}\n" in md
+    header = _rows(md)[0]
+    assert "| independent accuracy | ELSA − independent (points) |" in header
+
+
+def test_every_baseline_gets_its_columns_and_totals():
+    report = _report()
+    report["methods"]["independent_elsa"] = "elsa_tf, one single-level model"
+    for level in report["levels"]:
+        level["baselines"]["independent_elsa"] = {
+            **level["baselines"]["independent"],
+            "accuracy": 0.9,
+        }
+    report["training_seconds"]["baselines"]["independent_elsa"] = 171.25
+    report["storage_bytes"]["baselines"]["independent_elsa"] = 80 * 1024
+    rows = _rows(report_lib.render_markdown(report))
+    assert rows[1].endswith("| 95.00% | +1.40 | 12.0 KiB | 90.00% | +6.40 | 12.0 KiB |")
     assert (
-        "| Storage: ELSA bundle vs separate models (sum) | 20.0 KiB | 40.0 KiB "
-        "| 0.50× |" in rows
+        "| Training time | 5 min 42 s | 11 min 25 s | 0.50× | 2 min 51 s | 2.00× |"
+        in (rows)
     )
-    assert (
-        "| Storage: per-level files (sum) vs separate models (sum) | 30.0 KiB "
-        "| 40.0 KiB | 0.75× |" in rows
-    )
+    legend = report_lib._figure(report).legends[0].get_texts()
+    assert [t.get_text() for t in legend] == [
+        ELSA,
+        f"independent: {TFMOT}",
+        "independent_elsa: elsa_tf, one single-level model",
+    ]
 
 
 def test_missing_values_render_as_dashes():
     report = _report()
-    report["levels"][1]["baseline"] = None
-    report["training_seconds"]["baseline"] = None
-    report["storage_bytes"] = {
-        "elsa_bundle": None,
-        "elsa_levels": None,
-        "baseline_models": None,
-    }
+    report["levels"][1]["baselines"] = {}
+    report["training_seconds"]["baselines"] = {}
+    report["storage_bytes"] = {"elsa_bundle": None, "elsa_levels": None}
     rows = _rows(report_lib.render_markdown(report))
     assert rows[2] == "| 1 | 50.00% | 50.00% | 98.70% | — | 10.0 KiB | — | — | — | — |"
     assert "| Training time | 5 min 42 s | — | — |" in rows
-    assert "| Storage: ELSA bundle vs separate models (sum) | — | — | — |" in rows
+    assert "| Storage: bundle (all levels) | — | — | — |" in rows
 
 
 def test_without_baseline_there_are_no_baseline_columns():
@@ -252,14 +283,23 @@ def test_plot_zooms_to_the_data_and_orders_sparsity_left_to_right():
     fig = report_lib._figure(_report())
     ax = fig.axes[0]
     low, high = ax.get_ylim()
-    assert 90 < low < 95 and 99 < high < 101  # not 0-100
+    assert 85 < low < 95 and 99 < high < 102  # not 0-100
     left, right = ax.get_xlim()
     assert left < 0 < 90 < right
     assert ax.get_title() == "digits / cnn"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "ELSA levels (one model)",
-        "Baseline (one model per level)",
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        ELSA,
+        f"independent: {TFMOT}",
     ]
+
+
+def test_a_spread_of_one_point_is_not_drawn_as_a_cliff():
+    report = _report()
+    for level, accuracy in zip(report["levels"], [0.975, 0.98, 0.985]):
+        level["accuracy"] = accuracy
+        level["baselines"]["independent"]["accuracy"] = accuracy - 0.002
+    low, high = report_lib._figure(report).axes[0].get_ylim()
+    assert high - low >= 10  # 1 point is at most a tenth of the axis
 
 
 def test_level_labels_stay_inside_and_apart():
