@@ -172,21 +172,19 @@ def _fill_levels(model, rng):
 
     from elsa_tf import model_ops
 
-    wrappers = model_ops.wrappers(model)
+    owner = model_ops.owner(model)
     scales = {}
-    for w in wrappers:
-        for weight in w.prunable_weights:
-            std = float(np.std(keras.ops.convert_to_numpy(weight.value)))
-            scales[id(weight)] = std if std > 0 else 0.05
+    for weight in owner.prunable_weights:
+        std = float(np.std(keras.ops.convert_to_numpy(weight.value)))
+        scales[id(weight)] = std if std > 0 else 0.05
     for level in range(len(model_ops.sparsities(model))):
         if model_ops.current_level(model) != level:
             raise RuntimeError(f"Expected level {level} to be the current level.")
-        for w in wrappers:
-            for weight, level_map in zip(w.prunable_weights, w.level_maps):
-                free = level_map.numpy() == level
-                value = keras.ops.convert_to_numpy(weight.value).copy()
-                value[free] = rng.normal(0.0, scales[id(weight)], int(free.sum()))
-                weight.assign(value)
+        for weight, level_map in zip(owner.prunable_weights, owner.level_maps):
+            free = level_map.numpy() == level
+            value = keras.ops.convert_to_numpy(weight.value).copy()
+            value[free] = rng.normal(0.0, scales[id(weight)], int(free.sum()))
+            weight.assign(value)
         model_ops.finish_level(model)
 
 
@@ -217,6 +215,7 @@ _EXPORT_PHASES = (
     ("elsa_tf.embedding", "extract", "extract"),
     ("elsa_tf.export", "_convert", "convert"),
     ("elsa_tf.export", "integer_densify_ops", "densify_scan"),
+    ("elsa_tf.export", "paired_latency_ms", "storage_timing"),
     ("elsa_tf.export", "_check_runs", "check_runs"),
     ("elsa_tf.export", "_accuracy", "accuracy"),
     ("elsa_tf.export", "_signature", "signature"),

@@ -1,7 +1,10 @@
 """Export every level of an embedded model to TFLite, with a bundle and manifest.
 
-`export_tflite` converts `extract(model, level)` for each level with
-`tf.lite.TFLiteConverter`, writes one `.tflite` a level, one bundle (the
+`export_tflite` traces `extract(model, level)` for each level with Keras's
+`model.export` (a SavedModel, which any model with named or several inputs
+and outputs has), converts it with `tf.lite.TFLiteConverter.from_saved_model`
+to dense and sparse storage, keeps the form `choose_storage` picks, writes
+one `.tflite` a level, one bundle (the
 densest level plus the level map, see `elsa_tf.lite.bundle`) and
 `manifest.json`. Everything is written to a temporary directory beside
 `out_dir` and moved into place at the end, so a failed export leaves nothing.
@@ -10,12 +13,14 @@ densest level plus the level map, see `elsa_tf.lite.bundle`) and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -77,8 +82,21 @@ def _representative_dataset(data):
     return from_array
 
 
-def _convert(model, quantization, representative_data, sparse: bool) -> bytes:
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+def _saved_model(model, directory: str) -> str:
+    """Writes `model`'s serving signature as a SavedModel; returns its path.
+
+    `TFLiteConverter.from_keras_model` fails on models with dict inputs (every
+    keras_hub text model: `token_ids`, `padding_mask`) in TF 2.21; Keras's own
+    `export` traces any model, and keeps its input names in the signature.
+    """
+    path = os.path.join(directory, "saved_model")
+    # Keras prints the traced signature, a line per captured variable.
+    with contextlib.redirect_stdout(io.StringIO()):
+        model.export(path, format="tf_saved_model", verbose=False)
+    return path
+
+
+def _configure(converter, quantization, representative_data, sparse: bool) -> None:
     optimizations = set()
     if quantization is not None:
         optimizations.add(tf.lite.Optimize.DEFAULT)
@@ -90,12 +108,23 @@ def _convert(model, quantization, representative_data, sparse: bool) -> bytes:
     elif quantization == "dynamic":
         # Per-channel hybrid FULLY_CONNECTED is op version 12, which the
         # legacy tflite-runtime 2.14 cannot run; per-tensor scales for Dense
-        # layers keep every file runnable by all three runtimes.
+        # layers keep every file runnable by all three runtimes. There is no
+        # public switch for it.
         converter._experimental_disable_per_channel_quantization_for_dense_layers = True
     elif quantization == "int8":
         converter.representative_dataset = _representative_dataset(representative_data)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    # Keras prints the traced signature, a line per captured variable.
+
+
+def _convert(model, quantization, representative_data, sparse: bool) -> bytes:
+    """The `.tflite` bytes of a Keras model, or of the SavedModel directory
+    `_saved_model` wrote for it (to convert one trace to several forms)."""
+    if not isinstance(model, (str, os.PathLike)):
+        with tempfile.TemporaryDirectory(prefix="elsa_saved_model_") as directory:
+            saved = _saved_model(model, directory)
+            return _convert(saved, quantization, representative_data, sparse)
+    converter = tf.lite.TFLiteConverter.from_saved_model(os.fspath(model))
+    _configure(converter, quantization, representative_data, sparse)
     with contextlib.redirect_stdout(io.StringIO()):
         return bytes(converter.convert())
 
@@ -125,34 +154,142 @@ def integer_densify_ops(content: bytes) -> int:
     return count
 
 
-def _probe_inputs(model, evaluation_data, representative_data) -> np.ndarray:
-    """A few inputs to compare a level's storage forms on."""
+def _probe_inputs(signature: dict, evaluation_data, representative_data):
+    """A few inputs to compare a level's storage forms on, in the form
+    `runtime.predict` takes: an array, or a dict of named arrays."""
     for data in (evaluation_data and evaluation_data[0], representative_data):
         if isinstance(data, np.ndarray) and len(data):
             return np.asarray(data[:16], np.float32)
-    shape = [16 if d is None else d for d in model.inputs[0].shape]
-    return np.random.default_rng(0).uniform(size=shape).astype(np.float32)
+        if isinstance(data, dict) and data:
+            return {name: np.asarray(x)[:16] for name, x in data.items()}
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for spec in signature["inputs"]:
+        shape = [
+            16 if i == 0 and d < 0 else max(d, 1) for i, d in enumerate(spec["shape"])
+        ]
+        dtype = np.dtype(spec["dtype"])
+        # Integer inputs are usually indices (token ids): 0 and 1 are valid
+        # for any vocabulary.
+        if dtype.kind in "iub":
+            arrays[spec["name"]] = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            arrays[spec["name"]] = rng.uniform(size=shape).astype(dtype)
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    return arrays
 
 
-def _sparse_is_better(sparse: bytes, dense: bytes, quantization, probe) -> bool:
-    """Whether to store a level sparse: smaller, runnable, and as exact.
+def _flat_outputs(outputs) -> list[np.ndarray]:
+    if isinstance(outputs, dict):
+        return [np.asarray(outputs[k]) for k in sorted(outputs)]
+    if isinstance(outputs, list):
+        return [np.asarray(o) for o in outputs]
+    return [np.asarray(outputs)]
 
-    Three cases keep the dense form: sparse storage that is not smaller (low
+
+# A sparse-stored level is kept only if its median latency is within this
+# factor of the dense-stored form's, measured side by side at export: the
+# spread of repeated medians of one file on one thread was about 3% here.
+SPARSE_LATENCY_TOLERANCE = 1.05
+# Latency is timed on batch-1 inputs, alternating the two forms, for at least
+# this many invokes each and until both have run this long.
+_TIMING_MIN_INVOKES = 15
+_TIMING_MIN_SECONDS = 0.15
+_TIMING_MAX_INVOKES = 2000
+
+
+def _first_example(probe):
+    if isinstance(probe, dict):
+        return {name: x[:1] for name, x in probe.items()}
+    return probe[:1]
+
+
+def paired_latency_ms(contents: list[bytes], inputs) -> list[float]:
+    """Median single-thread latency of each flatbuffer on `inputs`, in ms.
+
+    The files are invoked in turns, so that a change in the machine's load
+    affects each of them alike.
+    """
+    interpreters = []
+    for content in contents:
+        interpreter = runtime.interpreter(content, num_threads=1)
+        runtime.feed(interpreter, inputs)
+        for _ in range(3):  # Warm-up: first invokes prepare kernels and caches.
+            interpreter.invoke()
+        interpreters.append(interpreter)
+    seconds = [[] for _ in contents]
+    while True:
+        # Alternate which file goes first: the second of two back-to-back
+        # invokes ran about 1.5% faster here, whichever file it was.
+        turn = list(zip(interpreters, seconds))
+        for interpreter, spent in turn if len(seconds[0]) % 2 else turn[::-1]:
+            start = time.perf_counter()
+            interpreter.invoke()
+            spent.append(time.perf_counter() - start)
+        count, least = len(seconds[0]), min(sum(spent) for spent in seconds)
+        if count >= _TIMING_MAX_INVOKES or (
+            count >= _TIMING_MIN_INVOKES and least >= _TIMING_MIN_SECONDS
+        ):
+            break
+    return [float(np.median(spent) * 1e3) for spent in seconds]
+
+
+# Why a level is stored dense (the manifest's "storage_reason").
+STORAGE_REASONS = {
+    "disabled": "export_tflite(sparse_encoding=False)",
+    "conversion_failed": "the converter failed to write the sparse form (TF "
+    "2.21's sparsifier rejects a weight shared by two ops, as in GPT-2's tied "
+    "embeddings)",
+    "not_smaller": "the sparse file is not smaller",
+    "densify": "the converter expands its sparse integer weights with DENSIFY "
+    "ops, which LiteRT's default XNNPACK delegate cannot prepare",
+    "outputs_differ": "the sparse file's outputs differ from the dense file's",
+    "slower": "the sparse file runs slower than the dense file",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """How one level is stored, and why (see `STORAGE_REASONS`)."""
+
+    sparse: bool
+    reason: str | None = None
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+
+
+def choose_storage(sparse: bytes, dense: bytes, quantization, probe) -> Storage:
+    """Whether to store a level sparse: smaller, runnable, as exact and as fast.
+
+    Four cases keep the dense form: sparse storage that is not smaller (low
     sparsity); integer weights behind DENSIFY ops (`integer_densify_ops`);
-    and outputs that differ from the dense form's. TF 2.21 wrote float16
-    files mixing sparse and dense kernels that output NaN for every input.
+    outputs that differ from the dense form's (TF 2.21 wrote float16 files
+    mixing sparse and dense kernels that output NaN for every input); and a
+    sparse form slower than the dense one by more than
+    `SPARSE_LATENCY_TOLERANCE`. Sparse storage is no speed-up by itself: only
+    TFLite's sparse FULLY_CONNECTED kernel reads it, on block-sparse float32
+    weights; for anything else the runtime densifies weights when it
+    prepares the model, and a level whose sparsity is only training's exact
+    zeros ran 40% slower sparse-stored than dense-stored.
     """
     if len(sparse) >= len(dense):
-        return False
+        return Storage(False, "not_smaller")
     if quantization in ("dynamic", "int8") and integer_densify_ops(sparse):
-        return False
+        return Storage(False, "densify")
     try:
-        got = runtime.predict(runtime.interpreter(sparse), probe)
-        want = runtime.predict(runtime.interpreter(dense), probe)
+        got = _flat_outputs(runtime.predict(runtime.interpreter(sparse), probe))
+        want = _flat_outputs(runtime.predict(runtime.interpreter(dense), probe))
     except Exception:  # The runtimes raise RuntimeError or ValueError.
-        return False
-    scale = max(float(np.abs(want).max()), 1e-6)
-    return bool(np.isfinite(got).all() and np.abs(got - want).max() <= 1e-4 * scale)
+        return Storage(False, "outputs_differ")
+    for g, w in zip(got, want):
+        scale = max(float(np.abs(w).max()), 1e-6)
+        if not (np.isfinite(g).all() and np.abs(g - w).max() <= 1e-4 * scale):
+            return Storage(False, "outputs_differ")
+    dense_ms, sparse_ms = paired_latency_ms([dense, sparse], _first_example(probe))
+    if sparse_ms > SPARSE_LATENCY_TOLERANCE * dense_ms:
+        return Storage(False, "slower", dense_ms, sparse_ms)
+    return Storage(True, None, dense_ms, sparse_ms)
 
 
 def _check_runs(content: bytes, what: str) -> None:
@@ -168,34 +305,48 @@ def _check_runs(content: bytes, what: str) -> None:
 
 def _accuracy(content: bytes, data, batch_size: int = 256) -> float:
     x, y = data
-    x, y = np.asarray(x), np.asarray(y)
+    x = {k: np.asarray(v) for k, v in x.items()} if isinstance(x, dict) else x
+    x, y = (x if isinstance(x, dict) else np.asarray(x)), np.asarray(y)
     if y.ndim > 1:
         y = y.argmax(-1)
     interpreter = runtime.interpreter(content)
     correct = 0
-    for start in range(0, len(x), batch_size):
-        outputs = runtime.predict(interpreter, x[start : start + batch_size])
-        predicted = np.asarray(outputs[0] if isinstance(outputs, list) else outputs)
+    for start in range(0, len(y), batch_size):
+        if isinstance(x, dict):
+            batch = {name: a[start : start + batch_size] for name, a in x.items()}
+        else:
+            batch = x[start : start + batch_size]
+        # The first output, in the signature's order, is the one scored.
+        predicted = _flat_outputs(runtime.predict(interpreter, batch))[0]
         correct += int((predicted.argmax(-1) == y[start : start + batch_size]).sum())
-    return correct / len(x)
+    return correct / len(y)
 
 
 def _signature(content: bytes) -> dict:
+    """The model's inputs and outputs: each one's name in the serving
+    signature (what `LevelRunner.run` takes in a dict), its tensor's name,
+    shape (-1: any size) and dtype."""
     interpreter = runtime.interpreter(content)
+    names = runtime.signature(interpreter)
+    inputs, outputs = names if names else ({}, {})
 
-    def describe(details):
-        return [
+    def describe(details, named):
+        by_index = {index: name for name, index in named.items()}
+        rows = [
             {
-                "name": d["name"],
+                "name": by_index.get(d["index"], d["name"]),
+                "tensor": d["name"],
                 "shape": [int(s) for s in d["shape_signature"]],
                 "dtype": np.dtype(d["dtype"]).name,
             }
             for d in details
         ]
+        return sorted(rows, key=lambda row: row["name"]) if named else rows
 
     return {
-        "inputs": describe(interpreter.get_input_details()),
-        "outputs": describe(interpreter.get_output_details()),
+        "signature": "serving_default" if names else None,
+        "inputs": describe(interpreter.get_input_details(), inputs),
+        "outputs": describe(interpreter.get_output_details(), outputs),
     }
 
 
@@ -243,6 +394,21 @@ def _with_file_bytes(base: bytes, payload: bytes) -> bytes:
     return final
 
 
+def _check_preprocessing(preprocessing) -> None:
+    if preprocessing is None:
+        return
+    try:
+        ok = isinstance(preprocessing, dict) and bool(json.dumps(preprocessing))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            "preprocessing must be a dict of JSON values, such as "
+            '{"scale": 1 / 255, "layout": "NHWC"}. '
+            f"Received: preprocessing={preprocessing!r}"
+        )
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -258,6 +424,7 @@ def export_tflite(
     evaluation_data=None,
     bundle: bool = True,
     overwrite: bool = False,
+    preprocessing: dict | None = None,
 ) -> dict:
     """Writes one `.tflite` per level, a bundle and `manifest.json`.
 
@@ -275,8 +442,11 @@ def export_tflite(
         sparse_encoding: store weights in TFLite's sparse format
             (`tf.lite.Optimize.EXPERIMENTAL_SPARSITY`), so sparser levels are
             smaller files. A level is stored dense instead (its manifest row
-            says `"sparse_encoding": false`) when the sparse file is not
-            smaller, when its outputs differ from the dense file's, or, for
+            says `"sparse_encoding": false` and `"storage_reason"` says why,
+            one of `STORAGE_REASONS`) when the sparse file is not smaller,
+            when its outputs differ from the dense file's, when it runs
+            slower than the dense file (both are timed here, batch 1, one
+            thread; the row records `"latency_ms"` of each), or, for
             `"dynamic"` and `"int8"`, when the converter expands sparse
             integer weights with DENSIFY ops, which LiteRT's default XNNPACK
             delegate cannot prepare: every file runs with the runtime's
@@ -291,16 +461,28 @@ def export_tflite(
             top-1 labels here), so the manifest's `"bundle"` is None and says
             why.
         overwrite: replace an existing non-empty `out_dir`.
+        preprocessing: what to do to raw data before it is fed to the model,
+            as JSON-serializable values (for example `{"scale": 1 / 255,
+            "layout": "NHWC"}`); recorded as the manifest's
+            `"preprocessing"`, so the device can prepare inputs as training
+            did. None records nothing.
 
     Returns:
         The manifest, as written to `out_dir/manifest.json`.
 
     Raises:
         ValueError: for a model that is not embedded, an unknown quantization,
-            `"int8"` without representative data, a level out of range, or an
-            existing `out_dir` without `overwrite`. Nothing is written then.
+            `"int8"` without representative data, a level out of range,
+            `preprocessing` that is not a JSON object, or an existing
+            `out_dir` without `overwrite`. Nothing is written then.
+
+    Example:
+
+        manifest = elsa_tf.export_tflite(
+            model, "export/", preprocessing={"scale": 1 / 255, "layout": "NHWC"}
+        )
     """
-    model_ops.wrappers(model)  # Raises for a model that is not embedded.
+    model_ops.sparsities(model)  # Raises for a model that is not embedded.
     if quantization not in QUANTIZATIONS:
         raise ValueError(
             f"quantization must be one of {QUANTIZATIONS}. "
@@ -309,6 +491,7 @@ def export_tflite(
     if quantization == "int8":
         _representative_dataset(representative_data)  # Fail before converting.
     levels = _check_levels(model, levels)
+    _check_preprocessing(preprocessing)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ValueError(
@@ -318,6 +501,11 @@ def export_tflite(
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".elsa_export_", dir=parent)
+    # mkdtemp makes a private (0700) folder; the export is an ordinary one,
+    # with the mode os.makedirs would give it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     try:
         manifest = _write(
             model,
@@ -328,6 +516,7 @@ def export_tflite(
             sparse_encoding=sparse_encoding,
             evaluation_data=evaluation_data,
             bundle=bundle,
+            preprocessing=preprocessing,
         )
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=".elsa_old_", dir=parent)
@@ -352,19 +541,32 @@ def _write(
     sparse_encoding,
     evaluation_data,
     bundle,
+    preprocessing,
 ) -> dict:
     rows_by_level = {row["level"]: row for row in reporting.summary(model)}
-    probe = _probe_inputs(model, evaluation_data, representative_data)
     name = quantization or "float32"
     rows, dense_files = [], []
+    signature, probe = None, None
     for level in levels:
-        extracted = embedding.extract(model, level)
-        dense = _convert(extracted, quantization, representative_data, False)
-        content, sparse = dense, False
-        if sparse_encoding:
-            candidate = _convert(extracted, quantization, representative_data, True)
-            if _sparse_is_better(candidate, dense, quantization, probe):
-                content, sparse = candidate, True
+        with tempfile.TemporaryDirectory(prefix="elsa_saved_model_") as directory:
+            # One trace, converted to both storage forms.
+            saved = _saved_model(embedding.extract(model, level), directory)
+            dense = _convert(saved, quantization, representative_data, False)
+            candidate, failed = None, False
+            if sparse_encoding:
+                try:
+                    candidate = _convert(saved, quantization, representative_data, True)
+                except Exception:  # The converter raises RuntimeError/ConverterError.
+                    failed = True
+        if signature is None:
+            signature = _signature(dense)
+            probe = _probe_inputs(signature, evaluation_data, representative_data)
+        content = dense
+        storage = Storage(False, "conversion_failed" if failed else "disabled")
+        if candidate is not None:
+            storage = choose_storage(candidate, dense, quantization, probe)
+            if storage.sparse:
+                content = candidate
         file_name = level_file_name(level, rows_by_level[level]["target_sparsity"])
         _check_runs(content, file_name)
         with open(os.path.join(out_dir, file_name), "wb") as f:
@@ -377,8 +579,15 @@ def _write(
             "bytes": len(content),
             "sha256": _sha256(content),
             "quantization": name,
-            "sparse_encoding": sparse,
+            "sparse_encoding": storage.sparse,
+            "storage_reason": storage.reason,
+            "dense_bytes": len(dense),
         }
+        if storage.dense_ms is not None:
+            row["latency_ms"] = {
+                "dense": round(storage.dense_ms, 4),
+                "sparse": round(storage.sparse_ms, 4),
+            }
         if evaluation_data is not None:
             row["accuracy"] = _accuracy(content, evaluation_data)
         rows.append(row)
@@ -392,7 +601,8 @@ def _write(
         "quantization": name,
         "num_levels": len(model_ops.sparsities(model)),
         "levels": rows,
-        **_signature(dense_files[-1]),
+        **signature,
+        "preprocessing": preprocessing,
         "runtime_checked": runtime.name(),
     }
     if bundle and quantization == "int8":

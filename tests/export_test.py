@@ -79,6 +79,9 @@ def test_existing_directory_needs_overwrite(model, tmp_path):
         "manifest.json",
     ]
     assert _leftovers(tmp_path) == ["out"]
+    # An ordinary folder, not mkdtemp's private 0700 one.
+    (tmp_path / "reference").mkdir()
+    assert os.stat(out).st_mode == os.stat(tmp_path / "reference").st_mode
 
 
 def test_a_subset_of_levels(model, tmp_path):
@@ -100,12 +103,11 @@ def test_per_level_shared_weights_travel_as_overrides(tmp_path):
     model = elsa_tf.embed(cnn_with_bn(), SPARSITIES, shared="per_level")
     finish_levels(model)
     # Per-level BatchNorm and bias copies: give each level different ones.
-    for w in elsa_tf.model_ops.wrappers(model):
-        for bank in w.banks:
-            value = bank.numpy()
-            for k in range(len(value)):
-                value[k] *= 1 + 0.1 * (k + 1)
-            bank.assign(value)
+    for bank in elsa_tf.model_ops.owner(model).banks:
+        value = bank.numpy()
+        for k in range(len(value)):
+            value[k] *= 1 + 0.1 * (k + 1)
+        bank.assign(value)
     manifest = elsa_tf.export_tflite(model, tmp_path / "out")
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
     for level in range(len(SPARSITIES)):
@@ -115,7 +117,10 @@ def test_per_level_shared_weights_travel_as_overrides(tmp_path):
     assert manifest["bundle"]["exact"] and manifest["bundle"]["override_bytes"] > 0
 
 
-def test_block_shaped_levels_run_on_the_sparse_kernel(tmp_path):
+def test_block_shaped_levels_run_on_the_sparse_kernel(tmp_path, monkeypatch):
+    # As if the sparse form were as fast: on a layer this small it is not, and
+    # would be stored dense (`test_a_level_is_stored_sparse_only_if_not_slower`).
+    monkeypatch.setattr(export, "paired_latency_ms", lambda c, x: [1.0, 1.0])
     keras.utils.set_random_seed(0)
     base = keras.Sequential(
         [keras.Input((64,)), keras.layers.Dense(64), keras.layers.Dense(8)]
@@ -162,3 +167,159 @@ def test_add_metadata_keeps_the_model_and_alignment(model):
     assert all(b.start % 16 == 0 for b in ref.buffers if b.size)
     x = np.ones((2, 16), np.float32)
     np.testing.assert_array_equal(_outputs(tagged, x), _outputs(content, x))
+
+
+def test_preprocessing_is_recorded(model, tmp_path):
+    steps = {"scale": 1 / 16, "layout": "NC", "dtype": "float32"}
+    manifest = elsa_tf.export_tflite(
+        model, tmp_path / "out", levels=[2], bundle=False, preprocessing=steps
+    )
+    assert manifest["preprocessing"] == steps
+    assert lite.read_manifest(tmp_path / "out")["preprocessing"] == steps
+
+
+@pytest.mark.parametrize("bad", [[1 / 255], {"scale": object()}, "scale=1/255"])
+def test_preprocessing_must_be_a_json_object(model, tmp_path, bad):
+    with pytest.raises(ValueError, match="Received: preprocessing="):
+        elsa_tf.export_tflite(model, tmp_path / "out", preprocessing=bad)
+    assert _leftovers(tmp_path) == []
+
+
+def _sparse_enough():
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(64), keras.layers.Dense(8)]
+    )
+    return finish_levels(elsa_tf.embed(base, [0.9, 0.0]))
+
+
+@pytest.mark.parametrize(
+    "timings, sparse, reason", [((1.0, 2.0), False, "slower"), ((1.0, 1.0), True, None)]
+)
+def test_a_level_is_stored_sparse_only_if_not_slower(
+    tmp_path, monkeypatch, timings, sparse, reason
+):
+    calls = []
+
+    def timed(contents, inputs):
+        calls.append(len(contents))
+        return list(timings)
+
+    monkeypatch.setattr(export, "paired_latency_ms", timed)
+    manifest = elsa_tf.export_tflite(_sparse_enough(), tmp_path / "out", levels=[0])
+    row = manifest["levels"][0]
+    assert calls == [2]  # Dense and sparse forms, timed side by side.
+    assert row["sparse_encoding"] is sparse and row["storage_reason"] == reason
+    assert row["latency_ms"] == {"dense": timings[0], "sparse": timings[1]}
+    assert (row["bytes"] < row["dense_bytes"]) is sparse
+
+
+def test_every_dense_stored_level_says_why(tmp_path):
+    model = _sparse_enough()
+    manifest = elsa_tf.export_tflite(model, tmp_path / "a", sparse_encoding=False)
+    assert [r["storage_reason"] for r in manifest["levels"]] == ["disabled"] * 2
+    manifest = elsa_tf.export_tflite(model, tmp_path / "b", quantization="dynamic")
+    # DENSIFY would expand the sparse int8 kernel; level 1 is fully dense.
+    assert [r["storage_reason"] for r in manifest["levels"]] == [
+        "densify",
+        "not_smaller",
+    ]
+    assert set(export.STORAGE_REASONS) >= {"densify", "not_smaller", "disabled"}
+
+
+def test_paired_latency_times_each_file(model):
+    content = export._convert(elsa_tf.extract(model, 2), None, None, False)
+    x = np.ones((1, 16), np.float32)
+    ms = export.paired_latency_ms([content, content], x)
+    assert len(ms) == 2 and all(0 < m < 100 for m in ms)
+
+
+def _two_input_model():
+    """A text-like model: int token ids through an Embedding, a float mask."""
+    token_ids = keras.Input((8,), name="token_ids", dtype="int32")
+    padding_mask = keras.Input((8,), name="padding_mask", dtype="float32")
+    x = keras.layers.Embedding(20, 6, name="embed")(token_ids)
+    x = keras.layers.Dense(12, activation="relu", name="hidden")(x)
+    x = x * keras.ops.expand_dims(padding_mask, -1)
+    pooled = keras.layers.GlobalAveragePooling1D()(x)
+    logits = keras.layers.Dense(3, name="logits")(pooled)
+    score = keras.layers.Dense(1, name="score")(pooled)
+    return keras.Model(
+        {"token_ids": token_ids, "padding_mask": padding_mask}, [logits, score]
+    )
+
+
+def test_models_with_named_inputs_and_several_outputs_export(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = finish_levels(elsa_tf.embed(_two_input_model(), [0.5, 0.0]))
+    rng = np.random.default_rng(0)
+    inputs = {
+        "token_ids": rng.integers(0, 20, (5, 8)).astype("int32"),
+        "padding_mask": (rng.uniform(size=(5, 8)) > 0.3).astype("float32"),
+    }
+    labels = rng.integers(0, 3, 5)
+    manifest = elsa_tf.export_tflite(
+        model, tmp_path / "out", evaluation_data=(inputs, labels)
+    )
+    assert manifest["signature"] == "serving_default"
+    assert [(i["name"], i["shape"], i["dtype"]) for i in manifest["inputs"]] == [
+        ("padding_mask", [-1, 8], "float32"),
+        ("token_ids", [-1, 8], "int32"),
+    ]
+    assert [o["name"] for o in manifest["outputs"]] == ["output_0", "output_1"]
+    runner = lite.LevelRunner(tmp_path / "out")
+    for level in (0, 1):
+        want = [
+            keras.ops.convert_to_numpy(o) for o in elsa_tf.extract(model, level)(inputs)
+        ]
+        for source in ("file", "bundle"):
+            got = runner.load(level, source=source).run(inputs)
+            assert sorted(got) == ["output_0", "output_1"]
+            for name, w in zip(("output_0", "output_1"), want):
+                np.testing.assert_allclose(got[name], w, atol=1e-4)
+        assert 0 <= manifest["levels"][level]["accuracy"] <= 1
+    with pytest.raises(ValueError, match=r"inputs \['padding_mask', 'token_ids'\]"):
+        runner.run({"token_ids": inputs["token_ids"]})
+    with pytest.raises(ValueError, match="pass a dict"):
+        runner.run(inputs["token_ids"])
+    with pytest.raises(ValueError, match=r"'serving_default_token_ids:0'.*\(None, 8\)"):
+        runner.run(dict(inputs, token_ids=inputs["token_ids"][:, :4]))
+
+
+def test_a_keras_hub_text_backbone_exports_with_named_inputs(tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(  # Built offline, no preset.
+        vocabulary_size=50,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    )
+    model = elsa_tf.embed(backbone, sparsities=[0.5, 0.0])
+    manifest = elsa_tf.export_tflite(model, tmp_path / "out")
+    assert [i["name"] for i in manifest["inputs"]] == [
+        "padding_mask",
+        "segment_ids",
+        "token_ids",
+    ]
+    assert [o["name"] for o in manifest["outputs"]] == [
+        "pooled_output",
+        "sequence_output",
+    ]
+    rng = np.random.default_rng(0)
+    inputs = {
+        "token_ids": rng.integers(0, 50, (3, 8)).astype("int32"),
+        "segment_ids": np.zeros((3, 8), "int32"),
+        "padding_mask": np.ones((3, 8), "int32"),
+    }
+    runner = lite.LevelRunner(tmp_path / "out")
+    for level in (0, 1):
+        want = elsa_tf.extract(model, level)(inputs)
+        for source in ("file", "bundle"):
+            got = runner.load(level, source=source).run(inputs)
+            for name in ("pooled_output", "sequence_output"):
+                np.testing.assert_allclose(
+                    got[name], keras.ops.convert_to_numpy(want[name]), atol=1e-4
+                )

@@ -98,19 +98,22 @@ def test_export_tool_calibrates_int8_on_x(exported, tmp_path):
     ]
 
 
-def test_export_tool_rejects_bad_input(exported, tmp_path):
+def test_export_tool_rejects_bad_input(exported, tmp_path, capsys):
     model, out = exported["model"], str(tmp_path / "out")
     with pytest.raises(ValueError, match="quantization='int4'"):
         export_tflite.run(model, out, quantization="int4")
     with flagsaver.flagsaver(model_path=model, out=out, quantization="int4"):
-        with pytest.raises(ValueError, match="quantization='int4'"):
+        with pytest.raises(SystemExit) as exit_info:
             export_tflite.main(["export_tflite.py"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("FATAL ") and "'int4'" in err[0]
     with flagsaver.flagsaver(model_path=model, out=None):
         with pytest.raises(app.UsageError, match="--out=None"):
             export_tflite.main(["export_tflite.py"])
     with pytest.raises(ValueError, match="representative_data=None"):
         export_tflite.run(model, out, quantization="int8")
-    with pytest.raises(FileNotFoundError, match="model='nope.keras'"):
+    with pytest.raises(FileNotFoundError, match="--model_path='nope.keras'"):
         export_tflite.run("nope.keras", out)
     with pytest.raises(FileNotFoundError, match="evaluation_data='nope.npz'"):
         export_tflite.run(model, out, evaluation_data="nope.npz")
@@ -154,6 +157,30 @@ def test_inspect_export_checks_every_file(exported, tmp_path):
     rows = inspect_tflite.run(str(copy))["levels"]
     assert [r["sha256"] for r in rows] == ["mismatch", "missing", "ok"]
     assert "| missing |" in inspect_tflite.text(inspect_tflite.run(str(copy)))
+
+
+def test_inspect_says_why_a_level_is_stored_dense(exported, tmp_path):
+    copy = tmp_path / "export"
+    shutil.copytree(exported["export"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    row = manifest["levels"][0]
+    row.update(
+        sparse_encoding=False,
+        storage_reason="slower",
+        latency_ms={"dense": 0.5, "sparse": 0.75},
+    )
+    manifest["preprocessing"] = {"scale": 0.0625}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    report = inspect_tflite.run(str(copy))
+    assert report["levels"][0]["storage_reason"] == "slower"
+    text = inspect_tflite.text(report)
+    assert "| dense (slower), 0.5000 ms dense / 0.7500 sparse |" in text
+    last = exported["manifest"]["levels"][2]
+    assert last["storage_reason"] == "not_smaller"  # Level 2 is dense.
+    assert "| dense (not smaller) |" in text
+    name = exported["manifest"]["inputs"][0]["name"]  # Keras's Input name.
+    assert f"Inputs: {name} ?x8 float32" in text
+    assert "Preprocessing: scale=0.0625" in text
 
 
 def test_inspect_bundle_agrees_with_the_level_files(exported):
@@ -226,13 +253,43 @@ def test_benchmark_times_every_level_and_source(exported):
         assert row["sparsity"] == manifest["levels"][row["level"]]["achieved_sparsity"]
         if row["source"] == "file":
             assert row["bytes"] == manifest["levels"][row["level"]]["bytes"]
-        if row["level"] == 2:  # The densest level is the reference.
+        if (row["source"], row["level"]) == ("bundle", 2):  # The reference.
             assert row["speedup"] == {"1": 1.0, "2": 1.0}
+    assert results["reference"]["level"] == 2
+    assert results["reference"]["source"] == "bundle"
+    assert results["reference"]["storage"] == "dense"
     assert [m["level"] for m in results["materialize"]] == [0, 1, 2]
     json.dumps(results)  # What --out writes.
     text = benchmark_device.text(results)
     assert "| ms (1 thread) | speedup (1 thread) | ms (2 threads) |" in text
     assert "| level | materialize ms |" in text
+
+
+def test_benchmark_reference_is_the_dense_stored_densest_level(exported, tmp_path):
+    # Even when only the per-level files are timed: a per-level file may be
+    # sparse-stored, and sparse storage is no faster (often slower).
+    results = benchmark_device.run(exported["export"], source="file", **FAST)
+    reference = results["reference"]
+    assert (reference["level"], reference["source"], reference["storage"]) == (
+        2,
+        "bundle",
+        "dense",
+    )
+    assert reference["median_ms"]["1"] > 0
+    assert {r["source"] for r in results["rows"]} == {"file"}
+    text = benchmark_device.text(results)
+    assert "Speedup is over level 2 from its bundle, stored dense" in text
+    # Without a bundle, the densest file is the reference, storage named.
+    copy = tmp_path / "export"
+    shutil.copytree(exported["export"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["bundle"] = None
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    results = benchmark_device.run(str(copy), **FAST)
+    assert results["reference"]["source"] == "file"
+    densest = manifest["levels"][2]
+    storage = "sparse" if densest["sparse_encoding"] else "dense"
+    assert results["reference"]["storage"] == storage
 
 
 def test_benchmark_main_on_a_bundle_writes_json(exported, tmp_path, capsys):

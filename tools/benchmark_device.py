@@ -8,7 +8,9 @@ Loads each level from its own file and/or makes it from the bundle
 (`--source`, default every source the export has), times `invoke` on random
 inputs of the model's input shape for each `--num_threads`, and prints a
 markdown table: level, sparsity, size raw and gzipped, median milliseconds
-and speedup over the densest level per thread count. Also times making each
+and speedup per thread count over the reference: the densest level stored
+dense, made from the bundle when there is one (a per-level file may be
+sparse-stored, which is no faster and can be slower). Also times making each
 level from the bundle (`Bundle.materialize`, digest check included). Only
 NumPy, absl and `elsa_tf.lite` with a TFLite runtime are imported.
 """
@@ -97,8 +99,19 @@ def _input_specs(runner: lite.LevelRunner, level: int, source: str):
     ]
 
 
+def _input_names(runner: lite.LevelRunner) -> list[str] | None:
+    """The signature's input names, in the manifest's order (None without)."""
+    manifest = runner.manifest
+    if manifest is None or not manifest.get("signature"):
+        return None
+    return [i["name"] for i in manifest["inputs"]]
+
+
 def random_inputs(specs, batch: int, seed: int = 0) -> list[np.ndarray]:
-    """Random arrays for each input; an unknown leading dimension is `batch`."""
+    """Random arrays for each input; an unknown leading dimension is `batch`.
+
+    Float inputs are standard normal; integer ones 0 or 1.
+    """
     rng = np.random.default_rng(seed)
     arrays = []
     for shape, dtype in specs:
@@ -113,10 +126,9 @@ def random_inputs(specs, batch: int, seed: int = 0) -> list[np.ndarray]:
         if dtype.kind == "f":
             arrays.append(rng.standard_normal(shape).astype(dtype))
         else:
-            info = np.iinfo(dtype)
-            arrays.append(
-                rng.integers(info.min, info.max, shape, endpoint=True, dtype=dtype)
-            )
+            # Integer inputs are mostly indices (token ids, masks): 0 and 1
+            # are valid for any vocabulary, where random int32s are not.
+            arrays.append(rng.integers(0, 2, shape).astype(dtype))
     return arrays
 
 
@@ -126,6 +138,30 @@ def _sparsities(runner: lite.LevelRunner) -> dict[int, float]:
     bundle = runner.bundle()
     achieved = bundle.header.get("achieved_sparsity") or bundle.level_sparsity()
     return dict(zip(bundle.levels, achieved))
+
+
+def _reference(runner, rows, sources, levels, sparsity) -> dict:
+    """The model speedups are measured against: the densest level, stored
+    dense. The bundle holds it dense; without a bundle, the densest level's
+    own file, whose storage the manifest says."""
+    # The densest level: least sparse, the highest index on a tie.
+    densest = min(levels, key=lambda k: (sparsity.get(k) or 0.0, -k))
+    has_bundle = runner.manifest is None or bool(runner.manifest.get("bundle"))
+    if has_bundle:
+        source, storage = "bundle", "dense"
+    else:
+        source = "file"
+        row = next(r for r in runner.manifest["levels"] if r["level"] == densest)
+        storage = "sparse" if row.get("sparse_encoding") else "dense"
+    timed = next(
+        (r for r in rows if r["level"] == densest and r["source"] == source), None
+    )
+    return {
+        "level": densest,
+        "source": source,
+        "storage": storage,
+        "median_ms": dict(timed["median_ms"]) if timed else None,
+    }
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -163,8 +199,10 @@ def run(
 
     Returns:
         A JSON-serializable dict: `rows` (one per level and source, with
-        `median_ms` and `speedup` keyed by thread count), `materialize` (one
-        per level) and the settings; `text` renders it.
+        `median_ms` and `speedup` keyed by thread count), `reference` (the
+        densest level stored dense, which speedups divide: its level,
+        source, storage and `median_ms`), `materialize` (one per level) and
+        the settings; `text` renders it.
 
     Raises:
         FileNotFoundError: if `path` does not exist.
@@ -188,6 +226,9 @@ def run(
     levels = first.levels if "file" in sources else first.bundle().levels
     specs = _input_specs(first, levels[0], sources[0])
     inputs = random_inputs(specs, batch, seed)
+    names = _input_names(first)
+    if names and len(names) == len(inputs) > 1:
+        inputs = dict(zip(names, inputs))  # In the manifest's order, by name.
     sparsity = _sparsities(first)
 
     rows = []
@@ -211,14 +252,17 @@ def run(
                 row["p10_ms"][str(t)] = latency.p10_ms
                 row["p90_ms"][str(t)] = latency.p90_ms
             rows.append(row)
-    for src in sources:
-        same = [r for r in rows if r["source"] == src]
-        # The densest level: least sparse, the highest index on a tie.
-        densest = min(same, key=lambda r: (r["sparsity"] or 0.0, -r["level"]))
-        for r in same:
-            r["speedup"] = {
-                t: densest["median_ms"][t] / ms for t, ms in r["median_ms"].items()
-            }
+    reference = _reference(first, rows, sources, levels, sparsity)
+    if reference.get("median_ms") is None:
+        reference["median_ms"] = {}
+        for t in threads:
+            runner = runners[t].load(reference["level"], source=reference["source"])
+            latency = runner.latency(inputs, warmup=warmup, repeats=repeats)
+            reference["median_ms"][str(t)] = latency.median_ms
+    for r in rows:
+        r["speedup"] = {
+            t: reference["median_ms"][t] / ms for t, ms in r["median_ms"].items()
+        }
 
     materialize = []
     if "bundle" in sources and materialize_repeats:
@@ -238,10 +282,14 @@ def run(
         "runtime": lite.runtime.name(),
         "batch": batch,
         "num_threads": threads,
-        "inputs": [{"shape": list(a.shape), "dtype": a.dtype.name} for a in inputs],
+        "inputs": [
+            {"shape": list(a.shape), "dtype": a.dtype.name}
+            for a in (inputs.values() if isinstance(inputs, dict) else inputs)
+        ],
         "warmup": warmup,
         "repeats": repeats,
         "materialize_repeats": materialize_repeats,
+        "reference": reference,
         "rows": rows,
         "materialize": materialize,
     }
@@ -271,9 +319,16 @@ def text(results: dict) -> str:
         for t in threads:
             cells += [f"{r['median_ms'][t]:.4f}", f"{r['speedup'][t]:.2f}x"]
         rows.append(cells)
+    ref = results["reference"]
     out = [
         f"{results['path']} on {results['runtime']}: inputs {shapes}; median of "
         f"{results['repeats']} runs after {results['warmup']} warm-up runs",
+        f"Speedup is over level {ref['level']} from its {ref['source']}, stored "
+        f"{ref['storage']}: "
+        + ", ".join(
+            f"{ms:.4f} ms ({t} {'thread' if t == '1' else 'threads'})"
+            for t, ms in ref["median_ms"].items()
+        ),
         "",
         markdown(headers, rows),
     ]

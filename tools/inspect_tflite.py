@@ -5,8 +5,11 @@ r"""Inspect an elsa_tf TFLite export, bundle or level file, without TensorFlow.
     python tools/inspect_tflite.py --per_tensor \
         --path=/tmp/elsa_digits/tflite/level0_sparsity0.90.tflite
 
-An export directory: each level's file, its size raw and gzipped, whether its
-SHA-256 matches the manifest, its target and achieved sparsity and accuracy.
+An export directory: the model's named inputs and outputs and its input
+preprocessing, then each level's file, its size raw and gzipped, whether its
+SHA-256 matches the manifest, its target and achieved sparsity, its storage
+(sparse, or dense and why: `storage_reason` in the manifest, with both forms'
+latency when they were timed at export) and accuracy.
 A bundle: its levels, level map and, per nested tensor, the fraction of its
 elements each level does not use. Any `.tflite` with `--per_tensor`: the
 sparsity of each constant tensor (zeros for dense storage; for sparse
@@ -180,6 +183,8 @@ def _export_report(path: str, per_tensor: bool) -> dict:
                 "target_sparsity": row["target_sparsity"],
                 "achieved_sparsity": row["achieved_sparsity"],
                 "sparse_encoding": row.get("sparse_encoding"),
+                "storage_reason": row.get("storage_reason"),
+                "latency_ms": row.get("latency_ms"),
                 "accuracy": row.get("accuracy"),
             }
         )
@@ -190,6 +195,9 @@ def _export_report(path: str, per_tensor: bool) -> dict:
         "path": path,
         "model": manifest.get("model"),
         "quantization": manifest.get("quantization"),
+        "inputs": manifest.get("inputs"),
+        "outputs": manifest.get("outputs"),
+        "preprocessing": manifest.get("preprocessing"),
         "levels": levels,
         "bundle": None,
     }
@@ -264,6 +272,38 @@ def _tensor_table(rows: Sequence[dict]) -> str:
     )
 
 
+def _storage(row: dict) -> str | None:
+    """`sparse`, or `dense` with the manifest's reason and timings."""
+    if row["sparse_encoding"] is None:
+        return None
+    words = "sparse" if row["sparse_encoding"] else "dense"
+    if row.get("storage_reason"):
+        words += f" ({row['storage_reason'].replace('_', ' ')})"
+    timing = row.get("latency_ms")
+    if timing:
+        words += f", {timing['dense']:.4f} ms dense / {timing['sparse']:.4f} sparse"
+    return words
+
+
+def _signature_lines(report: dict) -> list[str]:
+    def describe(specs):
+        return ", ".join(
+            f"{s['name']} {'x'.join('?' if d < 0 else str(d) for d in s['shape'])} "
+            f"{s['dtype']}"
+            for s in specs
+        )
+
+    lines = []
+    if report.get("inputs"):
+        lines.append(f"Inputs: {describe(report['inputs'])}")
+    if report.get("outputs"):
+        lines.append(f"Outputs: {describe(report['outputs'])}")
+    if report.get("preprocessing"):
+        items = ", ".join(f"{k}={v}" for k, v in report["preprocessing"].items())
+        lines.append(f"Preprocessing: {items}")
+    return lines
+
+
 def text(report: dict) -> str:
     """`run`'s report as markdown tables."""
     kind = report["kind"]
@@ -272,14 +312,15 @@ def text(report: dict) -> str:
             f"Export {report['path']}: model {report['model']}, "
             f"{report['quantization']}",
             "",
+            *_signature_lines(report),
+            "",
             markdown(
                 ["level", "file", "bytes", "gzip bytes", "sha256"]
-                + ["target", "achieved", "sparse storage", "accuracy"],
+                + ["target", "achieved", "storage", "accuracy"],
                 [
                     [r["level"], r["file"], r["bytes"], r["gzip_bytes"], r["sha256"]]
                     + [r["target_sparsity"], r["achieved_sparsity"]]
-                    + [{True: "yes", False: "no"}.get(r["sparse_encoding"])]
-                    + [r["accuracy"]]
+                    + [_storage(r), r["accuracy"]]
                     for r in report["levels"]
                 ],
             ),

@@ -45,6 +45,31 @@ def read_manifest(export_dir) -> dict:
     return manifest
 
 
+def verify_export(export_dir, manifest: Mapping) -> None:
+    """Checks that every file the manifest lists is there, with its SHA-256.
+
+    Raises:
+        ManifestError: naming the first file that is missing or whose hash
+            differs from the manifest's.
+    """
+    entries = [row for row in manifest["levels"] if row.get("file")]
+    if manifest.get("bundle"):
+        entries.append(manifest["bundle"])
+    for entry in entries:
+        path = os.path.join(os.fspath(export_dir), entry["file"])
+        try:
+            digest = bundle_lib.sha256_file(path)
+        except FileNotFoundError:
+            raise ManifestError(
+                f"{path} is missing: the manifest lists {entry['file']}."
+            ) from None
+        if digest != entry["sha256"]:
+            raise ManifestError(
+                f"SHA-256 of {path} is {digest}, but the manifest records "
+                f"{entry['sha256']}: the file is not the one exported."
+            )
+
+
 def read_verified(path, sha256: str | None) -> bytes:
     """The bytes of a file, checked against the manifest's SHA-256."""
     with open(path, "rb") as f:
@@ -128,14 +153,19 @@ class LevelRunner:
         path: an export directory (with `manifest.json`), or a bundle
             `.tflite` file.
         num_threads: interpreter threads; None is the runtime's default.
-        verify: check SHA-256 hashes against the manifest, and each level
-            made from the bundle against its digest.
+        verify: check every file's SHA-256 against the manifest when the
+            runner is created and again when a level is read, and each
+            level made from the bundle against its digest.
+
+    Raises:
+        ManifestError: for an export directory without a valid manifest, or,
+            with `verify`, a file that is missing or does not match it.
 
     Example (on the device, with only numpy and a TFLite runtime):
 
         runner = LevelRunner("export/")
         level = runner.select_by_accuracy(0.95)
-        probabilities = runner.load(level).run(images)
+        logits = runner.load(level).run(images)
     """
 
     def __init__(self, path, *, num_threads: int | None = None, verify: bool = True):
@@ -144,6 +174,8 @@ class LevelRunner:
         self.verify = verify
         if os.path.isdir(self.path):
             self.manifest = read_manifest(self.path)
+            if verify:
+                verify_export(self.path, self.manifest)
         else:
             self.manifest = None
         self._bundle = None
@@ -216,7 +248,21 @@ class LevelRunner:
         return self.interpreter
 
     def run(self, inputs):
-        """Runs one batch; returns the output array (a list if several)."""
+        """Runs one batch; returns the output array.
+
+        Args:
+            inputs: an array for a single-input model; for several inputs, a
+                dict keyed by the input names the manifest's `"inputs"` lists
+                (a list is taken in the interpreter's input order).
+
+        Returns:
+            The output array; for several outputs, a dict keyed by the
+            manifest's output names.
+
+        Raises:
+            ValueError: for missing or extra inputs, or an input whose shape
+                differs from the model's (the batch dimension may vary).
+        """
         return runtime.predict(self._interpreter(), inputs)
 
     def latency(self, inputs, *, warmup: int = 3, repeats: int = 20) -> Latency:

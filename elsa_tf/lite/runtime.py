@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -18,6 +19,13 @@ ENV_VAR = "ELSA_TF_LITE_RUNTIME"
 _MODULES = {
     "ai_edge_litert": "ai_edge_litert.interpreter",
     "tflite_runtime": "tflite_runtime.interpreter",
+    "tensorflow": "tensorflow",
+}
+
+# What to install for each runtime, for the error that names a missing one.
+_PIP = {
+    "ai_edge_litert": "ai-edge-litert",
+    "tflite_runtime": '"numpy<2" tflite-runtime',
     "tensorflow": "tensorflow",
 }
 
@@ -45,9 +53,19 @@ def find() -> tuple[str, type]:
     if forced:
         if forced not in RUNTIMES:
             raise ValueError(
-                f"{ENV_VAR} must be one of {RUNTIMES}. Received: {ENV_VAR}={forced!r}"
+                f"{ENV_VAR} must name one of the TFLite runtimes {RUNTIMES}, or "
+                f"be unset to use the first one installed. Received: "
+                f"{ENV_VAR}={forced!r}"
             )
-        _found = (forced, _load(forced))
+        try:
+            _found = (forced, _load(forced))
+        except ImportError as e:
+            raise ImportError(
+                f"{ENV_VAR}={forced} asks for the {forced} TFLite runtime, which "
+                f"is not installed here ({e}). Install it with `pip install "
+                f"{_PIP[forced]}`, or unset {ENV_VAR} to use the first runtime "
+                "installed."
+            ) from e
         return _found
     errors = []
     for name in RUNTIMES:
@@ -79,16 +97,80 @@ def interpreter(model_content: bytes, *, num_threads: int | None = None):
     return result
 
 
-def feed(interpreter, inputs) -> None:
-    """Sets a batch (an array, or a list in input order), resizing the
-    interpreter's inputs when the batch's shapes differ from theirs."""
-    details = interpreter.get_input_details()
+def signature(interpreter) -> tuple[dict[str, int], dict[str, int]] | None:
+    """Name -> tensor index of the inputs and of the outputs of the model's
+    signature, or None for a model without exactly one signature."""
+    signatures = interpreter.get_signature_list()
+    if len(signatures) != 1:
+        return None
+    runner = interpreter.get_signature_runner(next(iter(signatures)))
+    return (
+        {name: d["index"] for name, d in runner.get_input_details().items()},
+        {name: d["index"] for name, d in runner.get_output_details().items()},
+    )
+
+
+def _shape_text(shape) -> str:
+    dims = ", ".join("None" if s < 0 else str(int(s)) for s in shape)
+    return f"({dims},)" if len(shape) == 1 else f"({dims})"
+
+
+def _ordered(interpreter, details, inputs) -> list:
+    """The batch's arrays in the order of `details`: from a dict of named
+    inputs, a list in input order, or one array."""
+    if isinstance(inputs, Mapping):
+        names = signature(interpreter)
+        if names is None:
+            raise ValueError(
+                "This model has no named signature: pass its inputs as a list, "
+                f"in input order. Received: a dict with keys {sorted(inputs)}"
+            )
+        by_index = {index: name for name, index in names[0].items()}
+        if set(inputs) != set(names[0]):
+            raise ValueError(
+                f"The model takes the inputs {sorted(names[0])}. Received: a dict "
+                f"with keys {sorted(inputs)}"
+            )
+        return [inputs[by_index[d["index"]]] for d in details]
     arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     if len(arrays) != len(details):
+        names = signature(interpreter) if len(details) > 1 else None
+        named = f" ({', '.join(sorted(names[0]))}; pass a dict)" if names else ""
+        plural = "s" if len(details) > 1 else ""
         raise ValueError(
-            f"The model takes {len(details)} inputs. Received: {len(arrays)}"
+            f"The model takes {len(details)} input{plural}{named}. "
+            f"Received: {len(arrays)}"
         )
+    return arrays
+
+
+def feed(interpreter, inputs) -> None:
+    """Sets a batch, resizing the interpreter's inputs when the batch's shapes
+    differ from theirs.
+
+    Args:
+        interpreter: from `interpreter()`.
+        inputs: one array; a list of arrays in input order; or a dict of
+            arrays keyed by the signature's input names (`signature`), as
+            models with several named inputs take them.
+
+    Raises:
+        ValueError: for missing or extra inputs, or an array whose shape the
+            input cannot take (only the dimensions the model leaves unknown,
+            usually the batch, may vary).
+    """
+    details = interpreter.get_input_details()
+    arrays = _ordered(interpreter, details, inputs)
     arrays = [np.asarray(a, d["dtype"]) for a, d in zip(arrays, details)]
+    for a, d in zip(arrays, details):
+        expected = d.get("shape_signature", d["shape"])
+        if len(expected) != a.ndim or any(
+            want >= 0 and want != got for want, got in zip(expected, a.shape)
+        ):
+            raise ValueError(
+                f"Input {d['name']!r} takes arrays of shape {_shape_text(expected)}"
+                f" (None: any size). Received: shape={a.shape}"
+            )
     if any(tuple(d["shape"]) != a.shape for a, d in zip(arrays, details)):
         for a, d in zip(arrays, details):
             interpreter.resize_tensor_input(d["index"], a.shape)
@@ -98,10 +180,15 @@ def feed(interpreter, inputs) -> None:
 
 
 def predict(interpreter, inputs):
-    """Runs one batch; returns the output array (a list if several)."""
+    """Runs one batch (see `feed`); returns the output array, or for a model
+    with several outputs a dict of them keyed by the signature's output names
+    (a list in output order if the model has no signature)."""
     feed(interpreter, inputs)
     interpreter.invoke()
-    outputs = [
-        interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()
-    ]
-    return outputs[0] if len(outputs) == 1 else outputs
+    details = interpreter.get_output_details()
+    if len(details) == 1:
+        return interpreter.get_tensor(details[0]["index"])
+    names = signature(interpreter)
+    if names is None:
+        return [interpreter.get_tensor(d["index"]) for d in details]
+    return {name: interpreter.get_tensor(index) for name, index in names[1].items()}

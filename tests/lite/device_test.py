@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,16 +136,18 @@ def test_zero_weights_stay_zero_in_every_format(exports):
 def test_sizes_shrink_with_sparsity_and_bundle_is_small(exports):
     for mode in MODES:
         manifest = lite.read_manifest(exports / mode)
-        sizes = [row["bytes"] for row in manifest["levels"]]
-        if mode in ("float32", "float16"):
-            assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes), sizes
-        else:  # Stored dense where XNNPACK needs it: never larger.
-            assert sizes == sorted(sizes), sizes
+        rows = manifest["levels"]
+        # Sparse-stored levels shrink with sparsity; no file is larger than
+        # its dense form, the form of a level stored dense for a reason.
+        sparse = [row["bytes"] for row in rows if row["sparse_encoding"]]
+        assert sparse == sorted(sparse) and len(set(sparse)) == len(sparse), rows
+        assert all(row["bytes"] <= row["dense_bytes"] for row in rows), rows
+        for row in rows:
+            assert row["sparse_encoding"] == (row["storage_reason"] is None), row
     manifest = lite.read_manifest(exports / "float32")
     densest = manifest["levels"][-1]
-    assert not densest["sparse_encoding"] or densest["achieved_sparsity"] == 0.0
-    # The 1.10 bound holds where the densest file is stored dense (float32).
-    assert manifest["bundle"]["bytes"] <= 1.10 * densest["bytes"]
+    # The bundle is the densest level stored dense, plus the level map.
+    assert manifest["bundle"]["bytes"] <= 1.10 * densest["dense_bytes"]
 
 
 def test_manifest_describes_every_file(exports):
@@ -255,14 +258,44 @@ def test_hash_mismatch_against_the_manifest(exports, tmp_path):
     shutil.copytree(exports / "float32", export)
     manifest = json.loads((export / "manifest.json").read_text())
     manifest["bundle"]["sha256"] = "0" * 64
-    manifest["levels"][0]["sha256"] = "0" * 64
     (export / "manifest.json").write_text(json.dumps(manifest))
-    runner = lite.LevelRunner(export)
+    with pytest.raises(lite.ManifestError, match="bundle.tflite.*SHA-256|SHA-256"):
+        lite.LevelRunner(export)
+    runner = lite.LevelRunner(export, verify=False)  # Checks nothing.
+    runner.load(1, source="bundle")
     with pytest.raises(lite.BundleError, match="SHA-256"):
-        runner.load(1, source="bundle")
-    with pytest.raises(lite.ManifestError, match="SHA-256"):
-        runner.load(0)
-    runner.load(1)  # Its own file is intact.
+        lite.read_bundle(export / "bundle.tflite", expected_sha256="0" * 64)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_level_file_fails_when_the_runner_is_created(
+    exports, tmp_path, damage
+):
+    export = tmp_path / "export"
+    shutil.copytree(exports / "float32", export)
+    name = lite.read_manifest(export)["levels"][1]["file"]
+    path = export / name
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[:-10]))
+    else:
+        path.unlink()
+    with pytest.raises(lite.ManifestError, match=name.replace(".", r"\.")):
+        lite.LevelRunner(export)
+
+
+def test_a_wrong_input_shape_names_the_expected_one(exports, reference):
+    runner = lite.LevelRunner(exports / "float32").load(0)
+    for bad in (reference["x"][:2, :, :4], reference["x"][:2, ..., 0]):
+        with pytest.raises(ValueError, match=r"\(None, 8, 8, 1\)") as error:
+            runner.run(bad)
+        assert f"Received: shape={bad.shape}" in str(error.value)
+    assert runner.run(reference["x"][:3]).shape == (3, 10)  # Batch may vary.
+    with pytest.raises(ValueError, match="takes 1 input. Received: 2"):
+        runner.run([reference["x"][:1], reference["x"][:1]])
 
 
 def test_level_out_of_range(bundle_bytes):
@@ -365,4 +398,34 @@ else:
     sys.exit("no error")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_forced_runtime_that_is_not_installed_says_how_to_install_it():
+    missing = [r for r in lite.runtime.RUNTIMES if importlib.util.find_spec(r) is None]
+    if not missing:
+        pytest.skip("Every TFLite runtime is installed here.")
+    env = dict(os.environ, **{lite.runtime.ENV_VAR: missing[0]})
+    script = "from elsa_tf.lite import runtime; runtime.find()"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env
+    )
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: "), last
+    assert f"{lite.runtime.ENV_VAR}={missing[0]}" in last
+    assert "pip install" in last and "unset" in last
+
+
+def _readme_snippet() -> str:
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    section = readme.read_text().split("## Deploying to devices")[1]
+    return section.split("```python\n")[1].split("```")[0]
+
+
+def test_the_readme_snippet_runs_as_written(exports, tmp_path):
+    shutil.copytree(exports / "float32", tmp_path / "export")
+    script = _readme_snippet() + "\nassert np.allclose(probabilities.sum(-1), 1)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
