@@ -12,6 +12,21 @@ def sublayers(layer) -> list:
     return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
+def walk(layer):
+    """Every layer below `layer` (not itself), depth first, each once.
+
+    Sublayers of models and of composite layers alike.
+    """
+    seen, stack = {id(layer)}, list(reversed(sublayers(layer)))
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        stack.extend(reversed(sublayers(node)))
+
+
 def copy_call_state(source, clone) -> None:
     """Marks `clone` as called when `source` was.
 

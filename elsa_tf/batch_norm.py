@@ -25,18 +25,12 @@ def _batch_norm_layers(model) -> list:
     Matched by class name, so that Keras 3 and tf_keras (Keras 2) layers are
     both found, also inside an embedded model.
     """
-    found, seen, stack = [], set(), [model]
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        if type(layer).__name__ == "BatchNormalization":
-            found.append(layer)
-        # Sublayers of models and of composite layers alike (Keras 2 layers
-        # track them the same way).
-        stack.extend(_keras_compat.sublayers(layer))
-    return found
+    # Keras 2 layers track their sublayers the same way.
+    return [
+        layer
+        for layer in _keras_compat.walk(model)
+        if type(layer).__name__ == "BatchNormalization"
+    ]
 
 
 def _batches(data, batch_size: int):

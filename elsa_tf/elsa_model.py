@@ -69,21 +69,14 @@ def _set_untracked(obj, name, value):
 
 def _shared_only_layers(model, prunable_ids) -> list:
     """Leaf layers with weights, none prunable, whose call takes `training`."""
-    found, seen, stack = [], set(), [model]
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        subs = _keras_compat.sublayers(layer)
-        stack.extend(subs)
-        if subs or not layer.weights:
-            continue
-        if any(id(w) in prunable_ids for w in layer.weights):
-            continue
-        if "training" in inspect.signature(layer.call).parameters:
-            found.append(layer)
-    return found
+    return [
+        layer
+        for layer in _keras_compat.walk(model)
+        if layer.weights
+        and not _keras_compat.sublayers(layer)
+        and not any(id(w) in prunable_ids for w in layer.weights)
+        and "training" in inspect.signature(layer.call).parameters
+    ]
 
 
 def _serialize_uncompiled(model) -> dict:

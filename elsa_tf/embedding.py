@@ -11,18 +11,6 @@ from elsa_tf import levels as levels_lib
 from elsa_tf import prunable as prunable_lib
 
 
-def _walk(model):
-    """Every layer inside `model`, sublayers of composite layers included."""
-    seen, stack = {id(model)}, list(reversed(_keras_compat.sublayers(model)))
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        yield layer
-        stack.extend(reversed(_keras_compat.sublayers(layer)))
-
-
 def _prune_predicate(model, prune) -> Callable[[keras.layers.Layer], bool]:
     """Turns the `prune` option into a predicate over layers."""
     if prune is None:
@@ -48,7 +36,7 @@ def _prune_predicate(model, prune) -> Callable[[keras.layers.Layer], bool]:
                 f"layer names, or a predicate. Received: prune={prune!r}"
             )
         known = {}
-        for layer in _walk(model):
+        for layer in _keras_compat.walk(model):
             known.setdefault(layer.name, layer)
         unknown = [n for n in names if n not in known]
         if unknown:
@@ -76,7 +64,7 @@ def _check_model(model):
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model. Received: model={model!r}")
     if isinstance(model, elsa_model.ElsaModel) or any(
-        isinstance(layer, elsa_model.ElsaModel) for layer in _walk(model)
+        isinstance(layer, elsa_model.ElsaModel) for layer in _keras_compat.walk(model)
     ):
         raise ValueError(f"Model {model.name!r} is already embedded.")
     if not model.built:
