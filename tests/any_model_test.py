@@ -9,6 +9,7 @@ and exported to TFLite.
 import keras
 import numpy as np
 import pytest
+from conftest import run_readme_block
 
 import elsa_tf
 from elsa_tf import model_ops
@@ -210,3 +211,11 @@ def test_whole_path(name, tmp_path):
             runner.load(k).run(x), _predict(model, x), rtol=1e-4, atol=1e-4
         )
     assert manifest["num_levels"] == len(SPARSITIES)
+
+
+def test_readme_keras_hub_example_runs_verbatim_in_a_new_process(tmp_path):
+    result = run_readme_block("keras-hub", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert "GPT2CausalLM" in lines
+    assert sum("finished" in line for line in lines) == 3

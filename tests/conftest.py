@@ -1,6 +1,8 @@
 """Shared fixtures: models and data small enough to reason about by hand."""
 
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,3 +94,25 @@ def finish_levels(model, seed: int = 0):
 @pytest.fixture
 def cnn():
     return cnn_with_bn()
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def run_readme_block(tag: str, cwd) -> subprocess.CompletedProcess:
+    """Runs the README's python block marked `<!-- readme-test: tag -->`
+    verbatim, in a new process, as a user pasting it would."""
+    match = re.search(
+        rf"<!-- readme-test: {tag} -->\n```python\n(.*?)```",
+        README.read_text(),
+        re.DOTALL,
+    )
+    assert match, f"README has no block tagged {tag}"
+    return subprocess.run(
+        [sys.executable, "-W", "always::UserWarning", "-c", match.group(1)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=600,
+    )

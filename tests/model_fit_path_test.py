@@ -1,20 +1,14 @@
 """The plain `model.fit` path: misuse is reported, the README example runs."""
 
-import os
 import re
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import keras
 import pytest
-from conftest import LOSS, mlp, vector_data
+from conftest import LOSS, mlp, run_readme_block, vector_data
 
 import elsa_tf
 from elsa_tf import elsa_model
-
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _compiled(sparsities=(0.5, 0.0)):
@@ -116,24 +110,8 @@ def test_fit_prints_a_header_per_level_in_keras_style(capsys):
     assert "Level" not in capsys.readouterr().out
 
 
-def _readme_block(tag: str) -> str:
-    text = README.read_text()
-    match = re.search(
-        rf"<!-- readme-test: {tag} -->\n```python\n(.*?)```", text, re.DOTALL
-    )
-    assert match, f"README has no block tagged {tag}"
-    return match.group(1)
-
-
 def test_readme_model_fit_example_runs_verbatim_in_a_new_process(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-W", "always::UserWarning", "-c", _readme_block("model-fit")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        timeout=300,
-    )
+    result = run_readme_block("model-fit", tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Level 2 of 3" in result.stdout
     rows = re.findall(
