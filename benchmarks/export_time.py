@@ -1,0 +1,191 @@
+"""How long exporting every level takes, against one plain TFLite conversion.
+
+For each model, in one run: the time of one plain conversion of the model
+(`model.export` to a SavedModel, then `tf.lite.TFLiteConverter
+.from_saved_model`, float32, the path that also takes keras_hub's dict
+inputs), and the time of `elsa_tf.export_tflite` writing every level and the
+bundle of the same model embedded at `--sparsities`, with its phases
+(tracing, conversions, storage timing, bundle). The ratio of the two is the
+figure issue 9 sets a goal for (at most 2x).
+
+No training: each level is finished through the library's own machinery
+after giving the free weights new random values, as `benchmarks/tflite.py`
+does; export time does not depend on how the weights were trained.
+
+Command used (from the repository root, 2 CPU cores, no GPU):
+
+    python benchmarks/export_time.py --out=/tmp/elsa_benchmarks/export_time.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from _output import write_json  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+MODELS = ("digits_cnn", "mobilenet_v2", "bert")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", list(MODELS), f"Models: {', '.join(MODELS)}.")
+flags.DEFINE_list("sparsities", ["0.9", "0.75", "0.5", "0.0"], "The levels.")
+flags.DEFINE_integer("mobilenet_size", 96, "MobileNetV2 input height and width.")
+flags.DEFINE_string("out", None, "Where to write the results as JSON.")
+
+
+def build(name, mobilenet_size=96):
+    """A model of the benchmark, freshly initialised, never trained."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    if name == "digits_cnn":
+        from elsa_tf.experiments import zoo
+
+        return zoo.build("cnn", (8, 8, 1), 10)
+    if name == "mobilenet_v2":
+        return keras.applications.MobileNetV2(
+            input_shape=(mobilenet_size, mobilenet_size, 3),
+            alpha=0.35,
+            weights=None,
+            classes=10,
+        )
+    if name == "bert":
+        import keras_hub
+
+        return keras_hub.models.BertBackbone(
+            vocabulary_size=1000,
+            num_layers=2,
+            num_heads=4,
+            hidden_dim=64,
+            intermediate_dim=256,
+            max_sequence_length=32,
+        )
+    raise ValueError(f"models must be among {MODELS}. Received: {name!r}")
+
+
+def _finish_levels(model, rng):
+    """Every level made as training would: fresh free weights, then finished."""
+    import keras
+
+    from elsa_tf import model_ops
+
+    owner = model_ops.owner(model)
+    for _ in model_ops.sparsities(model):
+        for weight, level_map in zip(owner.prunable_weights, owner.level_maps):
+            free = level_map.numpy() == owner.current_level
+            value = keras.ops.convert_to_numpy(weight.value).copy()
+            value[free] = rng.normal(0.0, 0.05, int(free.sum()))
+            weight.assign(value)
+        model_ops.finish_level(model)
+
+
+def _plain_conversion_seconds(model) -> float:
+    import tensorflow as tf
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as directory:
+        model.export(directory, format="tf_saved_model", verbose=False)
+        tf.lite.TFLiteConverter.from_saved_model(directory).convert()
+    return time.perf_counter() - t0
+
+
+def _timed_phases(export_module):
+    """Wraps the export's steps to time them; returns (totals, restore)."""
+    totals = {}
+    names = ("_saved_model", "_convert", "choose_storage", "_bundle")
+    originals = {
+        n: getattr(export_module, n) for n in names if hasattr(export_module, n)
+    }
+
+    def wrap(name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+
+        return timed
+
+    for name, fn in originals.items():
+        setattr(export_module, name, wrap(name, fn))
+
+    def restore():
+        for name, fn in originals.items():
+            setattr(export_module, name, fn)
+
+    return totals, restore
+
+
+def run(models=MODELS, *, sparsities=(0.9, 0.75, 0.5, 0.0), mobilenet_size=96):
+    """Export time over one plain conversion, per model, measured in one run."""
+    import elsa_tf
+    from elsa_tf import export as export_module
+
+    results = {"sparsities": list(sparsities), "models": {}}
+    for name in models:
+        base = build(name, mobilenet_size)
+        plain = _plain_conversion_seconds(base)
+        model = elsa_tf.embed(base, sparsities=list(sparsities))
+        _finish_levels(model, np.random.default_rng(0))
+        phases, restore = _timed_phases(export_module)
+        try:
+            with tempfile.TemporaryDirectory() as directory:
+                t0 = time.perf_counter()
+                manifest = elsa_tf.export_tflite(model, os.path.join(directory, "x"))
+                seconds = time.perf_counter() - t0
+        finally:
+            restore()
+        results["models"][name] = {
+            "params": int(base.count_params()),
+            "plain_conversion_s": plain,
+            "export_s": seconds,
+            "ratio": seconds / plain,
+            "levels": len(manifest["levels"]),
+            "stored_sparse": sum(r["sparse_encoding"] for r in manifest["levels"]),
+            "phases_s": phases,
+        }
+    return results
+
+
+def format_table(results) -> str:
+    lines = [
+        f"Levels {results['sparsities']}, float32, export of every level and the "
+        "bundle over one plain conversion (SavedModel + TFLiteConverter).",
+        "",
+        "| model | params | one conversion s | export_tflite s | **ratio** | "
+        "levels stored sparse | tracing s | conversions s | storage timing s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["models"].items():
+        p = r["phases_s"]
+        lines.append(
+            f"| {name} | {r['params']:,} | {r['plain_conversion_s']:.1f} | "
+            f"{r['export_s']:.1f} | **{r['ratio']:.1f}** | {r['stored_sparse']} of "
+            f"{r['levels']} | {p.get('_saved_model', 0):.1f} | "
+            f"{p.get('_convert', 0):.1f} | {p.get('choose_storage', 0):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    results = run(
+        FLAGS.models,
+        sparsities=[float(s) for s in FLAGS.sparsities],
+        mobilenet_size=FLAGS.mobilenet_size,
+    )
+    print(format_table(results))
+    if FLAGS.out:
+        write_json(FLAGS.out, results)
+
+
+if __name__ == "__main__":
+    app.run(main)
