@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 from _output import write_json  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 MODELS = ("digits_cnn", "mobilenet_v2", "bert")
 
@@ -176,6 +176,8 @@ def format_table(results) -> str:
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # the converter logs at INFO
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     results = run(
         FLAGS.models,
