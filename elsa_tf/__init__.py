@@ -114,10 +114,14 @@ class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module):
             global _keras_loaded
-            exec_module(module)
-            _keras_loaded = _keras_loaded or is_keras
-            if _keras_loaded and self in sys.meta_path:
-                _register_when_ready(fullname)
+            try:
+                exec_module(module)
+                _keras_loaded = _keras_loaded or is_keras
+            finally:
+                # Also when one of our modules failed to import: the others
+                # still register.
+                if _keras_loaded and self in sys.meta_path:
+                    _register_when_ready(fullname)
 
         spec.loader.exec_module = exec_then_register
         return spec

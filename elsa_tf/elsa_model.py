@@ -99,8 +99,9 @@ class ElsaModel(keras.Model):
         inner_model: the built Keras model to hold (elsa_tf's own copy).
         sparsities: target sparsity of each level, strictly decreasing.
         prune: None to prune every prunable weight inside `inner_model`, or
-            the paths (`elsa_tf.prunable.prunable_owners`) of the layers
-            whose weights to prune.
+            the indices, in `elsa_tf.prunable.prunable_owners(inner_model)`
+            order, of the layers whose weights to prune. Indices, not names:
+            Keras renames unnamed sublayers in every copy and every load.
         shared: how shared weights are kept, `"freeze"` or `"per_level"`.
         schedule: the `LevelSchedule` (or its identifier) used inside a level.
         selection: `"per_layer"` or `"global"` magnitude selection.
@@ -130,12 +131,20 @@ class ElsaModel(keras.Model):
         check_option("shared", shared, SHARED_MODES)
         check_option("selection", selection, SELECTIONS)
         if prune is not None:
-            if isinstance(prune, str) or not all(isinstance(p, str) for p in prune):
-                raise TypeError(
-                    "prune must be None or a list of layer paths. "
-                    f"Received: prune={prune!r}"
+            prune = list(prune) if not isinstance(prune, (str, bytes)) else prune
+            if (
+                not isinstance(prune, list)
+                or not prune
+                or not all(
+                    isinstance(p, (int, np.integer)) and not isinstance(p, bool)
+                    for p in prune
                 )
-            prune = list(prune)
+            ):
+                raise TypeError(
+                    "prune must be None or a non-empty list of owner indices "
+                    f"(elsa_tf.prunable.prunable_owners). Received: prune={prune!r}"
+                )
+            prune = sorted({int(p) for p in prune})
         self.prune = prune
         self.shared = shared
         self.schedule = schedules.get(schedule)
@@ -160,14 +169,14 @@ class ElsaModel(keras.Model):
             return
         owners = prunable_lib.prunable_owners(self.inner_model)
         if self.prune is not None:
-            known = {path for path, _, _ in owners}
-            unknown = [p for p in self.prune if p not in known]
+            unknown = [i for i in self.prune if not 0 <= i < len(owners)]
             if unknown:
                 raise ValueError(
-                    f"prune names layer paths that hold no prunable weight: "
-                    f"{unknown}. Prunable: {sorted(known)}"
+                    f"prune names owner indices {unknown}, but the model has "
+                    f"{len(owners)} layers with prunable weights. Received: "
+                    f"prune={list(self.prune)}"
                 )
-            owners = [o for o in owners if o[0] in set(self.prune)]
+            owners = [owners[i] for i in self.prune]
         prunable = [(path, w) for path, _, weights in owners for w in weights]
         _set_untracked(self, "prunable_weights", [w for _, w in prunable])
         _set_untracked(self, "weight_owners", [path for path, _ in prunable])
@@ -286,18 +295,27 @@ class ElsaModel(keras.Model):
         # call is traced, so it is set for this call only: the model's
         # trainable variables, and so its optimizer's, stay the same.
         made_frozen = [
-            layer
+            (layer, [v.trainable for v in layer.weights])
             for layer in (self._shared_only if self.shared_frozen else [])
             if layer.trainable
         ]
-        for layer in made_frozen:
+        for layer, _ in made_frozen:
             layer.trainable = False
         try:
-            with keras.StatelessScope(state_mapping=mapping) as scope:
+            # Losses the layers add (activity regularizers, add_loss) are
+            # collected by the scope and added to this model's.
+            with keras.StatelessScope(
+                state_mapping=mapping, collect_losses=True
+            ) as scope:
                 outputs = self.inner_model(*args, **kwargs)
         finally:
-            for layer in made_frozen:
+            for layer, flags in made_frozen:
                 layer.trainable = True
+                # The setter sets every variable's flag: restore each one.
+                for v, flag in zip(layer.weights, flags):
+                    v.trainable = flag
+        for loss in scope.losses:
+            self.add_loss(loss)
         # Carry out the state updates the model made (normalization
         # statistics, seed generators), except into frozen weights.
         prunable_ids = {id(w) for w in self.prunable_weights}
@@ -367,7 +385,8 @@ class ElsaModel(keras.Model):
             "sparsities": list(self.sparsities),
             "prune": self.prune,
             "shared": self.shared,
-            "schedule": self.schedule.get_config(),
+            # As a Keras object, so that a LevelSchedule subclass comes back.
+            "schedule": keras.saving.serialize_keras_object(self.schedule),
             "selection": self.selection,
             "block_shape": None if self.block_shape is None else list(self.block_shape),
         }

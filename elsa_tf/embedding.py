@@ -209,13 +209,15 @@ def embed(
     block_shape = levels_lib.validate_block_shape(block_shape)
     schedule = schedules.get(schedule)
     should_prune = _prune_predicate(model, prune)
-    inner = copy_model(model)
     # A weight is pruned when the layer that holds it, or any layer around
-    # that one (a block, a MultiHeadAttention), is selected by `prune`.
-    owners = prunable_lib.prunable_owners(inner)
+    # that one (a block, a MultiHeadAttention), is selected by `prune`. The
+    # user's names and predicate apply to the user's model: the copy's
+    # unnamed sublayers may be named differently, so owners are matched by
+    # their place in the traversal, and the copy must have the same ones.
+    owners = prunable_lib.prunable_owners(model)
     selected = [
-        path
-        for path, chain, _ in owners
+        i
+        for i, (_, chain, _) in enumerate(owners)
         if any(should_prune(x) for x in chain[1:] or chain)
     ]
     if not selected:
@@ -225,6 +227,16 @@ def embed(
             "DepthwiseConv*, SeparableConv*, Embedding, other layers' 'kernel' "
             "and 'embeddings' variables, and layers implementing "
             "get_prunable_weights(), inside any layer or model."
+        )
+    inner = copy_model(model)
+
+    def shapes(found):
+        return [[tuple(w.shape) for w in weights] for _, _, weights in found]
+
+    if shapes(prunable_lib.prunable_owners(inner)) != shapes(owners):
+        raise ValueError(
+            f"A copy of model {model.name!r} does not hold the same prunable "
+            "layers in the same order: its get_config() does not re-create it."
         )
     return elsa_model.ElsaModel(
         inner,

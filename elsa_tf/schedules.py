@@ -165,6 +165,8 @@ def get(identifier) -> LevelSchedule:
     if isinstance(identifier, str):
         return LevelSchedule(kind=identifier)
     if isinstance(identifier, dict):
+        if "class_name" in identifier:  # keras.saving.serialize_keras_object's
+            return get(keras.saving.deserialize_keras_object(identifier))
         return LevelSchedule.from_config(identifier)
     name = getattr(identifier, "__name__", None)
     if isinstance(identifier, type) and name in ("PolynomialDecay", "ConstantSparsity"):

@@ -225,3 +225,98 @@ def test_summary_prints_a_table():
     assert rows[0]["kept"] == round(0.25 * rows[0]["total"])
     text = str(rows)
     assert "75.00%" in text and "finished" in text
+
+
+def test_losses_that_layers_add_count_in_training():
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(
+        3, activity_regularizer=keras.regularizers.L2(100.0), name="reg"
+    )(inputs)
+    base = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+    model = elsa_tf.embed(base, [0.5, 0.0])
+    x, y = np.ones((8, 4), "float32"), np.zeros((8, 2), "float32")
+    for m in (base, model):
+        m.compile(loss="mse")
+    # Level 0 is still dense: the two models compute the same, regularizer too.
+    np.testing.assert_allclose(
+        model.evaluate(x, y, verbose=0), base.evaluate(x, y, verbose=0), rtol=1e-6
+    )
+    assert model.evaluate(x, y, verbose=0) > 1.0
+
+
+@keras.saving.register_keras_serializable(package="elsa_tf_test")
+class _Block(keras.layers.Layer):
+    """A composite layer whose sublayers Keras names itself."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(4)
+        self.conv = keras.layers.Conv1D(4, 1)
+
+    def build(self, shape):
+        self.dense.build(shape)
+        self.conv.build(shape)
+
+    def call(self, x):
+        return self.dense(x) + self.conv(x)
+
+
+def test_prune_by_the_name_of_an_unnamed_sublayer_survives_copy_and_reload(tmp_path):
+    inputs = keras.Input((2, 4))
+    block = _Block(name="block")
+    base = keras.Model(inputs, block(inputs))
+    # Keras names the sublayers from a process-wide counter: the copy that
+    # embed makes, and a reload, get other names than the user's model.
+    model = elsa_tf.embed(base, [0.5, 0.0], prune=[block.dense.name])
+    owner = model_ops.owner(model)
+    assert [tuple(w.shape) for w in owner.prunable_weights] == [(4, 4)]
+    model.save(tmp_path / "model.keras")
+    loaded = model_ops.owner(keras.saving.load_model(tmp_path / "model.keras"))
+    assert [tuple(w.shape) for w in loaded.prunable_weights] == [(4, 4)]
+    assert loaded.prune == owner.prune == [0]
+
+
+def test_siblings_with_one_name_are_told_apart():
+    @keras.saving.register_keras_serializable(package="elsa_tf_test")
+    class Twins(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.a = keras.layers.Dense(4, name="x", use_bias=False)
+            self.b = keras.layers.Dense(4, name="x")
+
+        def call(self, t):
+            return self.b(self.a(t))
+
+    twins = Twins()
+    twins(np.ones((1, 4), "float32"))
+    model = elsa_tf.embed(
+        twins,
+        [0.5, 0.0],
+        prune=lambda layer: (
+            isinstance(layer, keras.layers.Dense) and not layer.use_bias
+        ),
+    )
+    owner = model_ops.owner(model)
+    assert len(owner.prunable_weights) == 1
+    assert owner.prunable_weights[0] is model.inner_model.a.kernel
+
+
+def test_a_user_frozen_variable_stays_frozen_after_frozen_normalization_runs():
+    inputs = keras.Input((4,))
+    outputs = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(4)(inputs))
+    model = elsa_tf.embed(keras.Model(inputs, outputs), [0.5, 0.0])
+    bn = model.inner_model.get_layer("bn")
+    bn.gamma.trainable = False
+    model_ops.finish_level(model)  # shared="freeze": bn now runs frozen
+    model(np.ones((2, 4), "float32"), training=True)
+    assert bn.trainable and bn.beta.trainable and not bn.gamma.trainable
+
+
+@pytest.mark.parametrize("prune", [[], iter([0]), ["dense"], [True]])
+def test_elsa_model_prune_takes_a_non_empty_list_of_indices(prune):
+    if isinstance(prune, type(iter([]))):
+        # A generator is read once, then validated: it selects owner 0.
+        assert elsa_tf.ElsaModel(mlp(), [0.5, 0.0], prune=prune).prune == [0]
+        return
+    with pytest.raises(TypeError, match="owner indices"):
+        elsa_tf.ElsaModel(mlp(), [0.5, 0.0], prune=prune)
