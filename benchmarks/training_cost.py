@@ -13,7 +13,7 @@ Every figure is a ratio, or a side-by-side comparison, measured in one run:
   function, steps with a mask update apart from steps without, and each
   level's start, first (traced) step and end; then a step-interleaved
   profile (one `train_on_batch` of each model per round, so that every model
-  sees the same machine state) of the wrappers alone, plus the
+  sees the same machine state) of the embedded model alone (masked), plus the
   `FreezingOptimizer`, at level 0 and at level 1 for both `shared` modes,
   and the plain model with frozen BatchNormalization;
 * peak resident memory of a training run, embedded over plain, each measured
@@ -428,8 +428,8 @@ def _profile_models(arch, x, y, batch_size, sparsities, seed):
     models = {}
     models["keras"] = _build(keras, arch, seed)
     models["keras"].compile(optimizer=adam(), loss=loss)
-    models["wrappers"] = embedded()
-    models["wrappers"].compile(optimizer=adam(), loss=loss)
+    models["masked"] = embedded()
+    models["masked"].compile(optimizer=adam(), loss=loss)
     for name, shared, level in (
         ("freezing_l0", "freeze", 0),
         ("freezing_l1", "freeze", 1),
@@ -452,7 +452,7 @@ def _profile_models(arch, x, y, batch_size, sparsities, seed):
 
 PROFILE_LABELS = {
     "keras": "Keras 3 plain model, Adam",
-    "wrappers": "embedded, plain Adam (masked training, no scheduler), level 0",
+    "masked": "embedded, plain Adam (masked training, no scheduler), level 0",
     "freezing_l0": "embedded, FreezingOptimizer, level 0",
     "freezing_l1": "embedded shared=freeze, FreezingOptimizer, level 1",
     "per_level_l1": "embedded shared=per_level, FreezingOptimizer, level 1",
