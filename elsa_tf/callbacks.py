@@ -77,11 +77,11 @@ def _pruning_steps(schedule, level_steps: int) -> dict[int, float]:
 
 def _print_level_header(model, level: int) -> None:
     """One line before a level's epochs, as Keras prints `Epoch 1/3`."""
-    sizes = [c["size"] for c in model_ops.level_counts(model)]
-    total = sum(sizes)
-    target = model_ops.sparsities(model)[level]
+    total = sum(c["size"] for c in model_ops.level_counts(model))
+    sparsities = model_ops.sparsities(model)
+    target = sparsities[level]
     message = (
-        f"Level {level} of {len(model_ops.sparsities(model))}: target sparsity "
+        f"Level {level} of {len(sparsities)}: target sparsity "
         f"{target:.2%}, {round(total * (1 - target)):,} of {total:,} prunable "
         "weights"
     )

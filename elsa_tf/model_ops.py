@@ -51,7 +51,7 @@ def check_level(model, level, name: str = "level") -> int:
 
 
 def set_view_level(model, level: int) -> None:
-    """Makes every wrapped layer compute with the weights of `level`."""
+    """Makes the embedded model compute with the weights of `level`."""
     check_level(model, level)
     owner(model).set_view_level(level)
 
@@ -64,11 +64,6 @@ def set_raw_training(model, enabled: bool) -> None:
     Takes effect when the train step is next traced.
     """
     owner(model).train_raw = bool(enabled)
-
-
-def _prunable(model):
-    o = owner(model)
-    return [(o, i) for i in range(len(o.prunable_weights))]
 
 
 def _units(scores, level_map, level, block_shape):
@@ -129,21 +124,16 @@ def prune_to(model, sparsity, score=levels.magnitude) -> None:
         sparsity: the sparsity to reach over the prunable weights.
         score: NumPy weight array -> score array; the highest scores are kept.
     """
-    entries = _prunable(model)
-    if not entries:
-        return
-    k = entries[0][0].current_level
-    if k >= entries[0][0].num_levels:
+    o = owner(model)
+    k = o.current_level
+    if k >= o.num_levels:
         raise ValueError("Every level is finished; there is nothing left to prune.")
-    weights = [w.prunable_weights[i] for w, i in entries]
+    weights = o.prunable_weights
     values = [keras.ops.convert_to_numpy(v.value) for v in weights]
-    maps = [w.level_maps[i].numpy() for w, i in entries]
-    block_shapes = [
-        levels.weight_block_shape(m.shape, w.block_shape)
-        for (w, _), m in zip(entries, maps)
-    ]
+    maps = [m.numpy() for m in o.level_maps]
+    block_shapes = [levels.weight_block_shape(m.shape, o.block_shape) for m in maps]
     elementwise = all(b is None for b in block_shapes)
-    if entries[0][0].selection == "global" and elementwise:
+    if o.selection == "global" and elementwise:
         flat_maps = np.concatenate([m.reshape(-1) for m in maps])
         n_free = levels.free_keep_count(
             flat_maps.size, np.count_nonzero(flat_maps < k), sparsity
@@ -154,7 +144,7 @@ def prune_to(model, sparsity, score=levels.magnitude) -> None:
             n_free,
         )
         keeps = np.split(keep, np.cumsum([m.size for m in maps])[:-1])
-    elif entries[0][0].selection == "global":
+    elif o.selection == "global":
         scores = [score(v) for v in values]
         keeps = _select_units(scores, maps, k, sparsity, block_shapes)
     else:
@@ -168,13 +158,13 @@ def prune_to(model, sparsity, score=levels.magnitude) -> None:
             else _select_units([score(v)], [m], k, sparsity, [b])[0]
             for v, m, b in zip(values, maps, block_shapes)
         ]
-    for (w, i), weight, value, level_map, keep in zip(
-        entries, weights, values, maps, keeps
+    for weight, map_variable, value, level_map, keep in zip(
+        weights, o.level_maps, values, maps, keeps
     ):
         drop = (level_map == k) & ~keep.reshape(level_map.shape)
         if not drop.any():
             continue  # early in a ramp most updates keep everything
-        w.level_maps[i].assign(levels.prune_map(level_map, ~drop, k))
+        map_variable.assign(levels.prune_map(level_map, ~drop, k))
         value[drop] = 0
         weight.assign(value)
 

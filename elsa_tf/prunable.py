@@ -134,17 +134,11 @@ def is_prunable(layer: keras.layers.Layer) -> bool:
     return bool(prunable_owners(layer))
 
 
-def get_prunable_weights(layer: keras.layers.Layer, owners=None) -> list:
-    """The variables of a built `layer` that elsa_tf prunes.
-
-    Args:
-        layer: a built layer.
-        owners: None for every prunable weight inside `layer`, or the paths
-            (see `prunable_owners`) of the layers whose weights to take.
+def get_prunable_weights(layer: keras.layers.Layer) -> list:
+    """The variables of a built `layer` that elsa_tf prunes, sublayers' included.
 
     Raises:
-        ValueError: if the layer is not built, or `owners` names a path that
-            owns no prunable weight.
+        ValueError: if the layer is not built.
         TypeError: if `layer` has no prunable weight, or a `PrunableLayer`
             returns a variable that is not its own.
     """
@@ -157,14 +151,4 @@ def get_prunable_weights(layer: keras.layers.Layer, owners=None) -> list:
             "prunable weights. Implement `get_prunable_weights()` on it (see "
             "`elsa_tf.PrunableLayer`) or leave it out of `prune`."
         )
-    if owners is None:
-        return [w for _, _, weights in found for w in weights]
-    by_path = {path: weights for path, _, weights in found}
-    unknown = [p for p in owners if p not in by_path]
-    if unknown:
-        raise ValueError(
-            f"Layer {layer.name!r} has no prunable sublayers {unknown}; it has "
-            f"{sorted(by_path)}. Received: owners={list(owners)!r}"
-        )
-    wanted = set(owners)
-    return [w for path, _, weights in found if path in wanted for w in weights]
+    return [w for _, _, weights in found for w in weights]
