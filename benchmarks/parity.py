@@ -141,7 +141,7 @@ def summarize(result: dict) -> dict:
     for k in range(num_levels):
         rows = [r["levels"][k] for r in reports]
         elsa = [row["accuracy"] for row in rows]
-        base = [row["baseline"]["accuracy"] for row in rows]
+        base = [row["baselines"]["independent"]["accuracy"] for row in rows]
         levels.append(
             {
                 "level": k,
@@ -156,12 +156,14 @@ def summarize(result: dict) -> dict:
     return {
         "levels": levels,
         "elsa_seconds": stats([s["elsa"] for s in seconds]),
-        "baseline_seconds": stats([s["baseline"] for s in seconds]),
-        "time_ratio": stats([s["elsa"] / s["baseline"] for s in seconds]),
+        "baseline_seconds": stats([s["baselines"]["independent"] for s in seconds]),
+        "time_ratio": stats(
+            [s["elsa"] / s["baselines"]["independent"] for s in seconds]
+        ),
         "elsa_bundle_bytes": stats([s["elsa_bundle"] for s in storage]),
-        "baseline_bytes": stats([s["baseline_models"] for s in storage]),
+        "baseline_bytes": stats([s["baselines"]["independent"] for s in storage]),
         "storage_ratio": stats(
-            [s["elsa_bundle"] / s["baseline_models"] for s in storage]
+            [s["elsa_bundle"] / s["baselines"]["independent"] for s in storage]
         ),
     }
 

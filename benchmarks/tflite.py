@@ -272,7 +272,9 @@ def _export(model, out_dir, quantization):
 
     with _phase_timer() as phases, contextlib.redirect_stdout(io.StringIO()):
         start = time.perf_counter()
-        manifest = elsa_tf.export_tflite(model, out_dir, quantization=quantization)
+        manifest = elsa_tf.export_tflite(
+            model, out_dir, quantization=quantization, sparse_encoding=True
+        )
         total = time.perf_counter() - start
     timing = {name: {"s": s, "calls": n} for name, (s, n) in phases.items()}
     timing["other"] = {"s": total - sum(s for s, _ in phases.values()), "calls": 0}

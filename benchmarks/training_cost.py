@@ -6,6 +6,8 @@ Every figure is a ratio, or a side-by-side comparison, measured in one run:
   (`elsa_tf.fit`: a `FreezingOptimizer` and a `LevelScheduler` inside
   `model.fit`), over the plain Keras 3 model trained with plain `model.fit`
   and the same optimizer (Adam);
+* the same with `sparsifier="dpf"` (Dynamic Pruning with Feedback: a
+  straight-through masked forward pass in every step, masks every 16 steps);
 * beside it, the same ratio for tfmot's `prune_low_magnitude` on the same
   architecture built with tf_keras (Keras 2), over the plain tf_keras model;
 * where the embedded model's time goes: inside `elsa_tf.fit`, the callbacks
@@ -77,12 +79,13 @@ BERT = dict(
     max_sequence_length=32,
 )
 # Timed for every architecture, in this order, once per repeat.
-MAIN_CONFIGS = ("keras", "elsa_fit", "tf_keras", "tfmot")
+MAIN_CONFIGS = ("keras", "elsa_fit", "elsa_dpf", "tf_keras", "tfmot")
 # What each configuration is compared with.
 BASELINE = {"tf_keras": "tf_keras", "tfmot": "tf_keras"}
 LABELS = {
     "keras": "Keras 3 plain model, Adam",
     "elsa_fit": "elsa_tf.fit (FreezingOptimizer + LevelScheduler)",
+    "elsa_dpf": 'elsa_tf.fit, sparsifier="dpf" (mask every 16 steps)',
     "tf_keras": "tf_keras plain model, Adam",
     "tfmot": "tfmot prune_low_magnitude + UpdatePruningStep",
 }
@@ -319,8 +322,11 @@ def _train(config, arch, x, y, *, batch_size, epochs_per_level, sparsities, seed
         model.fit(x, y, epochs=num_epochs, callbacks=[timer], **fit_kwargs)
         return timer, time.perf_counter() - t0, extra
 
-    model = elsa_tf.embed(model, sparsities=list(sparsities), shared="freeze")
-    if config == "elsa_fit":
+    sparsifier = "dpf" if config == "elsa_dpf" else "gradual_magnitude"
+    model = elsa_tf.embed(
+        model, sparsities=list(sparsities), shared="freeze", sparsifier=sparsifier
+    )
+    if config in ("elsa_fit", "elsa_dpf"):
         t0 = time.perf_counter()
         elsa_tf.fit(
             model,
@@ -383,6 +389,11 @@ def _mask_update_steps(config, steps, extra, steps_per_epoch, epochs_per_level):
     """Boolean array: which measured steps ran a mask update."""
     if config == "elsa_fit":
         begin, end, frequency = _schedule_steps(epochs_per_level * steps_per_epoch)
+        step = (steps["epoch"] % epochs_per_level) * steps_per_epoch + steps["batch"]
+    elif config == "elsa_dpf":
+        # Every 16 steps of a level, from its first pruning step to its end.
+        begin, _, _ = _schedule_steps(epochs_per_level * steps_per_epoch)
+        end, frequency = epochs_per_level * steps_per_epoch, 16
         step = (steps["epoch"] % epochs_per_level) * steps_per_epoch + steps["batch"]
     elif config == "tfmot":
         begin, end, frequency = extra["tfmot_schedule"]

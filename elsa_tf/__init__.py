@@ -12,7 +12,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _EXPORTS = {
     "embed": "elsa_tf.embedding",
@@ -28,6 +28,12 @@ _EXPORTS = {
     "PrunableLayer": "elsa_tf.prunable",
     "export_tflite": "elsa_tf.export",
     "recalibrate_batch_norm": "elsa_tf.batch_norm",
+    "finish_level": "elsa_tf.model_ops",
+    "update_masks": "elsa_tf.model_ops",
+    "function": "elsa_tf.level_function",
+    "Sparsifier": "elsa_tf.sparsifiers",
+    "GradualMagnitude": "elsa_tf.sparsifiers",
+    "DynamicPruningWithFeedback": "elsa_tf.sparsifiers",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,9 +2,10 @@
 
 Every `epochs_per_level` epochs make one level. Inside a level the tfmot
 pruning schedule built by the model's `LevelSchedule` says, step by step,
-when to update the masks and to which sparsity; at the level's last epoch the
-level is pruned to its exact target, frozen, and the next level opens with a
-freshly reset optimizer.
+when to update the masks (or the sparsifier's `update_interval` does) and to
+which sparsity, and the model's `Sparsifier` says which weights; at the
+level's last epoch the level is pruned to its exact target, frozen, and the
+next level opens with a freshly reset optimizer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import warnings
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl import logging as absl_logging
 
 from elsa_tf import batch_norm, model_ops
@@ -64,15 +64,6 @@ def resolve_levels(model, levels) -> list[int]:
             f"expected levels={expected}. Received: levels={levels}"
         )
     return levels
-
-
-def _pruning_steps(schedule, level_steps: int) -> dict[int, float]:
-    """Step -> sparsity for every step at which the tfmot schedule prunes."""
-    steps = tf.range(level_steps, dtype=tf.int64)
-    should, sparsity = schedule(steps)
-    should = np.broadcast_to(np.asarray(should), (level_steps,))
-    sparsity = np.broadcast_to(np.asarray(sparsity, np.float64), (level_steps,))
-    return {int(s): float(sparsity[s]) for s in np.flatnonzero(should)}
 
 
 def _print_level_header(model, level: int) -> None:
@@ -225,15 +216,13 @@ class LevelScheduler(keras.callbacks.Callback):
             # A resumed level keeps the optimizer state it was saved with.
             model.optimizer.reset()
         level_steps = self.epochs_per_level * self._steps
-        target = model_ops.sparsities(model)[level]
-        schedule = model_ops.owner(model).schedule.build(target, level_steps)
-        self._prune_at = _pruning_steps(schedule, level_steps)
+        self._prune_at = model_ops.mask_update_steps(model, level, level_steps)
 
     def on_train_batch_begin(self, batch, logs=None):
         step = self._epoch_in_level * self._steps + batch
         sparsity = self._prune_at.get(step)
         if sparsity is not None:
-            model_ops.prune_to(self.model, sparsity)
+            model_ops.prune_to(self.model, sparsity, step)
 
     def on_epoch_end(self, epoch, logs=None):
         self._epoch = epoch + 1

@@ -1,11 +1,13 @@
 """How an optimizer step may change each variable of an embedded model.
 
-`ElsaModel` registers every variable of the model it owns here, with its
-role: a prunable weight (its updates are projected onto the level being
-trained) or a shared weight (frozen whole once `shared="freeze"` has
-finished level 0). `FreezingOptimizer` asks `training_constraint` for each
-variable it is handed; a variable that no embedded model owns is an error,
-never "train freely".
+The rule of every variable is the owning `ElsaModel`'s (`variable_rule`):
+a prunable weight's updates are projected onto the level being trained, a
+shared weight is frozen whole once `shared="freeze"` has finished level 0.
+This module only finds the owner of a variable, since an optimizer is handed
+variables, not models: `ElsaModel` registers each variable it owns here.
+`FreezingOptimizer` asks `training_constraint` for each variable it is
+handed; a variable that no embedded model owns is an error, never "train
+freely".
 """
 
 from __future__ import annotations
@@ -35,17 +37,21 @@ class Projection:
     """Maps an optimizer's update of a prunable weight back onto the level.
 
     `project(old, new)` keeps frozen entries at `old`, the current level's
-    entries at `new`, and every other entry at zero. `old` is only needed once
-    some level is finished (`needs_old`).
+    entries at `new`, and every other entry at zero, or at `new` when
+    `zero_unused` is False (a sparsifier with feedback trains its pruned
+    weights). `old` is only needed once some level is finished (`needs_old`).
     """
 
-    def __init__(self, level_map, level: int):
+    def __init__(self, level_map, level: int, zero_unused: bool = True):
         self.level_map = level_map
         self.level = level
+        self.zero_unused = zero_unused
         self.needs_old = level > 0
 
     def __call__(self, old, new):
-        return levels.project_update(old, new, self.level_map.value, self.level)
+        return levels.project_update(
+            old, new, self.level_map.value, self.level, self.zero_unused
+        )
 
 
 def training_constraint(variable):
@@ -70,10 +76,7 @@ def training_constraint(variable):
             "only the model returned by elsa_tf.embed (or loaded from its "
             f"file). Received: variable={getattr(variable, 'path', variable)!r}"
         )
-    index = entry[1]
-    if index is None:
-        return FROZEN if owner.shared_frozen else FREE
-    return Projection(owner.level_maps[index], owner.traced_level)
+    return owner.variable_rule(entry[1])
 
 
 # True while elsa_tf itself runs a model in training mode outside a level's

@@ -5,8 +5,9 @@
 kept) and, for each prunable weight found anywhere inside it, a `uint8`
 level map (see `elsa_tf.levels`), plus two integers: the level being trained
 (`current_level`, also the number of finished levels) and the level the model
-computes with (`view_level`). The level plan (sparsities, schedule,
-selection, block shape) is held here once, not copied into layers.
+computes with (`view_level`). The level plan (sparsities, schedule, and the
+`Sparsifier` with its selection and granularity) and the training rule of
+every variable (`variable_rule`) are held here once, not copied into layers.
 
 At inference, the inner model runs inside a `keras.StatelessScope` that maps
 each prunable weight to its masked value, so any layer (a keras_hub
@@ -18,7 +19,10 @@ the forward pass: the weights a level does not use are kept at exactly zero in
 the variables themselves (pruning zeroes them and `FreezingOptimizer` projects
 every update back), so the raw weights *are* the current level's weights, and
 a training step costs what the plain model's does plus one projection in the
-optimizer. Outside the scheduler, training masks like inference does.
+optimizer. A sparsifier with feedback (`DynamicPruningWithFeedback`) keeps
+training its pruned weights instead, so its steps compute with the weights
+its `forward` gives (the masked weights, with a straight-through gradient).
+Outside the scheduler, training masks like inference does.
 
 Shared weights (everything not prunable: biases, normalization parameters and
 statistics, excluded kernels) are kept as the `shared` option says:
@@ -42,9 +46,11 @@ import tensorflow as tf
 
 from elsa_tf import _keras_compat, constraints, levels, schedules
 from elsa_tf import prunable as prunable_lib
+from elsa_tf import selection as selection_lib
+from elsa_tf import sparsifiers as sparsifiers_lib
 
 SHARED_MODES = ("freeze", "per_level")
-SELECTIONS = ("per_layer", "global")
+SELECTIONS = selection_lib.SELECTIONS
 
 UNSCHEDULED_TRAINING = (
     "An embedded model is being trained without elsa_tf.LevelScheduler: "
@@ -88,6 +94,9 @@ def _serialize_uncompiled(model) -> dict:
     return config
 
 
+_BASE_LOSS = sparsifiers_lib.Sparsifier.loss
+
+
 @keras.saving.register_keras_serializable(package="elsa_tf")
 class ElsaModel(keras.Model):
     """Nested sparse levels of one model's weights, and their training plan.
@@ -104,10 +113,12 @@ class ElsaModel(keras.Model):
             Keras renames unnamed sublayers in every copy and every load.
         shared: how shared weights are kept, `"freeze"` or `"per_level"`.
         schedule: the `LevelSchedule` (or its identifier) used inside a level.
-        selection: `"per_layer"` or `"global"` magnitude selection.
-        block_shape: None to select single weights, or a pair of positive
-            ints: rank-2 prunable weights are then kept or dropped in whole
-            blocks of that shape (see `elsa_tf.embed`).
+        sparsifier: the `Sparsifier` (or its name) that picks the kept
+            weights; None for `"gradual_magnitude"`.
+        selection, block_shape: options for a sparsifier given by name (or
+            None): `"per_layer"` or `"global"` selection, and None or the
+            block shape of rank-2 weights (see `elsa_tf.embed`). Files saved
+            by elsa_tf 0.2.0 hold these instead of a sparsifier.
         **kwargs: base `Model` arguments such as `name`.
     """
 
@@ -118,7 +129,8 @@ class ElsaModel(keras.Model):
         prune=None,
         shared: str = "freeze",
         schedule=None,
-        selection: str = "per_layer",
+        sparsifier=None,
+        selection: str | None = None,
         block_shape: tuple[int, int] | None = None,
         **kwargs,
     ):
@@ -129,7 +141,6 @@ class ElsaModel(keras.Model):
             )
         self.sparsities = levels.validate_sparsities(sparsities)
         check_option("shared", shared, SHARED_MODES)
-        check_option("selection", selection, SELECTIONS)
         if prune is not None:
             prune = list(prune) if not isinstance(prune, (str, bytes)) else prune
             if (
@@ -148,8 +159,10 @@ class ElsaModel(keras.Model):
         self.prune = prune
         self.shared = shared
         self.schedule = schedules.get(schedule)
-        self.selection = selection
-        self.block_shape = levels.validate_block_shape(block_shape)
+        options = {"selection": selection} if selection is not None else {}
+        if block_shape is not None:
+            options["block_shape"] = block_shape
+        self.sparsifier = sparsifiers_lib.get(sparsifier, **options)
         self.inner_model = inner_model
         self._inner_takes_training = (
             "training" in inspect.signature(inner_model.call).parameters
@@ -161,6 +174,16 @@ class ElsaModel(keras.Model):
     @property
     def num_levels(self) -> int:
         return len(self.sparsities)
+
+    @property
+    def selection(self) -> str:
+        """The sparsifier's selection, `"per_layer"` or `"global"`."""
+        return self.sparsifier.selection
+
+    @property
+    def block_shape(self) -> tuple[int, int] | None:
+        """The sparsifier's block shape, or None for single weights."""
+        return self.sparsifier.block_shape
 
     # -- state ---------------------------------------------------------------
 
@@ -221,6 +244,15 @@ class ElsaModel(keras.Model):
                         name=f"bank_{i}_{w.name}",
                     )
                 )
+        # Free weights a mask update brought back after an earlier one of the
+        # same level pruned them, per level (summary's `reactivations`).
+        self.reactivations = self.add_weight(
+            shape=(self.num_levels,),
+            initializer="zeros",
+            dtype="int64",
+            trainable=False,
+            name="reactivations",
+        )
         self.shared_frozen = False
         self.traced_level = 0
         self.train_raw = False  # set by LevelScheduler while it trains
@@ -232,7 +264,14 @@ class ElsaModel(keras.Model):
         self._create_state()
 
     def load_own_variables(self, store):
-        super().load_own_variables(store)
+        own = self._trainable_variables + self._non_trainable_variables
+        if len(store.keys()) == len(own) - 1 and own[-1] is self.reactivations:
+            # A file of elsa_tf 0.2.0: no reactivation counts (the last).
+            for i, v in enumerate(own[:-1]):
+                v.assign(store[str(i)])
+            self.reactivations.assign(np.zeros(self.num_levels, np.int64))
+        else:
+            super().load_own_variables(store)
         self.sync_level_state()
 
     @property
@@ -257,6 +296,32 @@ class ElsaModel(keras.Model):
         """
         self.traced_level = self.current_level
         self.shared_frozen = self.shared == "freeze" and self.traced_level >= 1
+
+    def trace_key(self) -> tuple:
+        """What a traced training step depends on; it changes with the level."""
+        return (self.traced_level, self.shared_frozen, self.train_raw)
+
+    def variable_rule(self, index: int | None):
+        """How an optimizer step may change a variable of this model.
+
+        Args:
+            index: the variable's index in `prunable_weights`, or None for a
+                shared weight.
+
+        Returns:
+            `constraints.FREE`, `constraints.FROZEN` (a shared weight after
+            level 0 under `shared="freeze"`), or a `constraints.Projection`
+            for a prunable weight. Fixed when a step is traced: retrace after
+            a level change (`LevelScheduler`, `elsa_tf.fit` and
+            `elsa_tf.function` do).
+        """
+        if index is None:
+            return constraints.FROZEN if self.shared_frozen else constraints.FREE
+        return constraints.Projection(
+            self.level_maps[index],
+            self.traced_level,
+            zero_unused=not self.sparsifier.feedback,
+        )
 
     # -- forward -------------------------------------------------------------
 
@@ -286,6 +351,17 @@ class ElsaModel(keras.Model):
                 (w, levels.masked_weight(w.value, m.value, view))
                 for w, m in zip(self.prunable_weights, self.level_maps)
             ]
+        sparsifier = self.sparsifier
+        sparsifier_loss = None
+        if not at_view and (
+            sparsifier.feedback or type(sparsifier).loss is not _BASE_LOSS
+        ):
+            keeps = [levels.active_mask(m.value, view) for m in self.level_maps]
+            values = [w.value for w in self.prunable_weights]
+            if sparsifier.feedback:
+                values = [sparsifier.forward(v, k) for v, k in zip(values, keeps)]
+                mapping = list(zip(self.prunable_weights, values))
+            sparsifier_loss = sparsifier.loss(values, keeps)
         for i, w in enumerate(self.shared_weights if self.banks and at_view else []):
             use_working, value = self._shared_value(i, view)
             mapping.append((w, value))
@@ -316,6 +392,8 @@ class ElsaModel(keras.Model):
                     v.trainable = flag
         for loss in scope.losses:
             self.add_loss(loss)
+        if sparsifier_loss is not None:
+            self.add_loss(sparsifier_loss)
         # Carry out the state updates the model made (normalization
         # statistics, seed generators), except into frozen weights.
         prunable_ids = {id(w) for w in self.prunable_weights}
@@ -368,9 +446,11 @@ class ElsaModel(keras.Model):
                 bank = self.banks[i]
                 bank.assign(tf.tensor_scatter_nd_update(bank.value, [[k]], [w.value]))
         for w, m in zip(self.prunable_weights, self.level_maps):
-            # Pruned free weights restart from zero, so level k+1 starts out
-            # computing exactly what level k computes.
-            w.assign(levels.masked_weight(w.value, m.value, k))
+            # What the sparsifier says the next level's free weights start
+            # from; by default zero, so level k+1 starts out computing exactly
+            # what level k computes.
+            kept = levels.active_mask(m.value, k).numpy()
+            w.assign(self.sparsifier.end_of_level_values(w.numpy(), kept))
             if k + 1 < self.num_levels:
                 m.assign(levels.open_map(m.numpy(), k + 1))
         self.level_state.assign([k + 1, min(k + 1, self.num_levels - 1)])
@@ -387,8 +467,7 @@ class ElsaModel(keras.Model):
             "shared": self.shared,
             # As a Keras object, so that a LevelSchedule subclass comes back.
             "schedule": keras.saving.serialize_keras_object(self.schedule),
-            "selection": self.selection,
-            "block_shape": None if self.block_shape is None else list(self.block_shape),
+            "sparsifier": keras.saving.serialize_keras_object(self.sparsifier),
         }
 
     @classmethod

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 import keras
 
-from elsa_tf import _keras_compat, elsa_model, model_ops, schedules
+from elsa_tf import _keras_compat, elsa_model, model_ops, schedules, sparsifiers
 from elsa_tf import levels as levels_lib
 from elsa_tf import prunable as prunable_lib
 
@@ -139,7 +139,8 @@ def embed(
     sparsities,
     *,
     prune=None,
-    selection: str = "per_layer",
+    sparsifier=None,
+    selection: str | None = None,
     schedule=None,
     shared: str = "freeze",
     block_shape: tuple[int, int] | None = None,
@@ -163,16 +164,22 @@ def embed(
             list of layer names, or a predicate `layer -> bool`. A layer is
             pruned when it, or a layer it sits in, is selected. The weights of
             the others are shared weights.
-        selection: `"per_layer"` magnitude selection (each layer reaches the
-            level's sparsity) or `"global"` (one magnitude ranking across all
-            prunable weights).
+        sparsifier: how each level chooses its weights: a `Sparsifier`, or
+            its name, `"gradual_magnitude"` (None, the default: gradual
+            magnitude pruning, as tfmot's) or `"dpf"` (Dynamic Pruning with
+            Feedback). See `elsa_tf.sparsifiers`.
+        selection: for a sparsifier given by name: `"global"` (one ranking
+            across all prunable weights, the default) or `"per_layer"` (each
+            layer reaches the level's sparsity, as tfmot's wrappers do). A
+            sparsifier object carries its own.
         schedule: the pruning schedule inside each level: a `LevelSchedule`,
             `"polynomial_decay"` (the default), `"constant"`, or tfmot's
             `PolynomialDecay` / `ConstantSparsity` class.
         shared: how non-prunable weights are kept: `"freeze"` (trained with
             level 0, then frozen: one copy, no storage cost) or `"per_level"`
             (each level trains its own copy).
-        block_shape: None (the default) selects weights one by one; a pair
+        block_shape: for a sparsifier given by name (an object carries its
+            own): None (the default) selects weights one by one; a pair
             of positive ints `(rows, cols)` keeps or drops every rank-2
             prunable weight in whole blocks of that shape, ranked by their
             mean score (mean |w|), like tfmot's `block_size`. On a Dense
@@ -205,8 +212,13 @@ def embed(
     sparsities = levels_lib.validate_sparsities(sparsities)
     _check_model(model)
     elsa_model.check_option("shared", shared, elsa_model.SHARED_MODES)
-    elsa_model.check_option("selection", selection, elsa_model.SELECTIONS)
-    block_shape = levels_lib.validate_block_shape(block_shape)
+    options = {}
+    if selection is not None:
+        elsa_model.check_option("selection", selection, elsa_model.SELECTIONS)
+        options["selection"] = selection
+    if block_shape is not None:
+        options["block_shape"] = levels_lib.validate_block_shape(block_shape)
+    sparsifier = sparsifiers.get(sparsifier, **options)
     schedule = schedules.get(schedule)
     should_prune = _prune_predicate(model, prune)
     # A weight is pruned when the layer that holds it, or any layer around
@@ -244,8 +256,7 @@ def embed(
         prune=None if len(selected) == len(owners) else selected,
         shared=shared,
         schedule=schedule,
-        selection=selection,
-        block_shape=block_shape,
+        sparsifier=sparsifier,
         name=f"elsa_{model.name}",
     )
 

@@ -1,13 +1,19 @@
 """Export every level of an embedded model to TFLite, with a bundle and manifest.
 
-`export_tflite` traces `extract(model, level)` for each level with Keras's
-`model.export` (a SavedModel, which any model with named or several inputs
-and outputs has), converts it with `tf.lite.TFLiteConverter.from_saved_model`
-to dense and sparse storage, keeps the form `choose_storage` picks, writes
-one `.tflite` a level, one bundle (the
-densest level plus the level map, see `elsa_tf.lite.bundle`) and
-`manifest.json`. Everything is written to a temporary directory beside
-`out_dir` and moved into place at the end, so a failed export leaves nothing.
+`export_tflite` converts the densest level once: `extract(model, level)` is
+traced with Keras's `model.export` (a SavedModel, which any model with named
+or several inputs and outputs has) and converted with
+`tf.lite.TFLiteConverter.from_saved_model`. Every other level's file is that
+file with the weights the level does not use zeroed in place
+(`elsa_tf.export_patch`), checked against the Keras model at that level on a
+few inputs; a level that cannot be made so (quantization with per-level
+scales, per-level shared weights, a weight not found in the file, or a check
+that fails) is traced and converted on its own, as is every level's sparse
+storage form when `sparse_encoding=True` (`choose_storage` then picks the
+form). It writes one `.tflite` a level, one bundle (the densest level plus
+the level map, see `elsa_tf.lite.bundle`) and `manifest.json`. Everything is
+written to a temporary directory beside `out_dir` and moved into place at the
+end, so a failed export leaves nothing.
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 import elsa_tf
-from elsa_tf import embedding, model_ops, reporting
+from elsa_tf import embedding, export_patch, model_ops, reporting
 from elsa_tf.lite import bundle as bundle_lib
 from elsa_tf.lite import runtime
 from elsa_tf.lite.runner import MANIFEST
@@ -154,9 +162,12 @@ def integer_densify_ops(content: bytes) -> int:
     return count
 
 
+_PROBE_LENGTH = 8  # Of each unknown dimension but the batch, in probe inputs.
+
+
 def _probe_inputs(signature: dict, evaluation_data, representative_data):
-    """A few inputs to compare a level's storage forms on, in the form
-    `runtime.predict` takes: an array, or a dict of named arrays."""
+    """A few inputs to check patched files and compare storage forms on, in
+    the form `runtime.predict` takes: an array, or a dict of named arrays."""
     for data in (evaluation_data and evaluation_data[0], representative_data):
         if isinstance(data, np.ndarray) and len(data):
             return np.asarray(data[:16], np.float32)
@@ -165,8 +176,11 @@ def _probe_inputs(signature: dict, evaluation_data, representative_data):
     rng = np.random.default_rng(0)
     arrays = {}
     for spec in signature["inputs"]:
+        # An unknown length of 1 would make attention's softmax over one key
+        # always 1, so its query and key kernels would not change the outputs.
         shape = [
-            16 if i == 0 and d < 0 else max(d, 1) for i, d in enumerate(spec["shape"])
+            (16 if i == 0 else _PROBE_LENGTH) if d < 0 else d
+            for i, d in enumerate(spec["shape"])
         ]
         dtype = np.dtype(spec["dtype"])
         # Integer inputs are usually indices (token ids): 0 and 1 are valid
@@ -180,12 +194,35 @@ def _probe_inputs(signature: dict, evaluation_data, representative_data):
     return arrays
 
 
+def _output_order(name: str):
+    # A list of Keras outputs becomes `output_0`, `output_1`, ... in the
+    # signature: in list order, also past `output_9`. Named outputs sort by
+    # name, as `keras.tree.flatten` orders a dict.
+    index = re.fullmatch(r"output_(\d+)", name)
+    return (int(index[1]), "") if index else (-1, name)
+
+
 def _flat_outputs(outputs) -> list[np.ndarray]:
     if isinstance(outputs, dict):
-        return [np.asarray(outputs[k]) for k in sorted(outputs)]
+        return [np.asarray(outputs[k]) for k in sorted(outputs, key=_output_order)]
     if isinstance(outputs, list):
         return [np.asarray(o) for o in outputs]
     return [np.asarray(outputs)]
+
+
+def _agree(got: list[np.ndarray], want: list[np.ndarray], tolerance: float) -> bool:
+    """Same outputs, finite, each within `tolerance` of `want`'s largest
+    magnitude."""
+    if len(got) != len(want):
+        return False
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        if g.shape != w.shape or not np.isfinite(g).all():
+            return False
+        scale = max(float(np.abs(w).max(initial=0.0)), 1e-6)
+        if g.size and np.abs(g - w).max() > tolerance * scale:
+            return False
+    return True
 
 
 # A sparse-stored level is kept only if its median latency is within this
@@ -237,7 +274,7 @@ def paired_latency_ms(contents: list[bytes], inputs) -> list[float]:
 
 # Why a level is stored dense (the manifest's "storage_reason").
 STORAGE_REASONS = {
-    "disabled": "export_tflite(sparse_encoding=False)",
+    "disabled": "export_tflite(sparse_encoding=False), the default",
     "conversion_failed": "the converter failed to write the sparse form (TF "
     "2.21's sparsifier rejects a weight shared by two ops, as in GPT-2's tied "
     "embeddings)",
@@ -282,10 +319,8 @@ def choose_storage(sparse: bytes, dense: bytes, quantization, probe) -> Storage:
         want = _flat_outputs(runtime.predict(runtime.interpreter(dense), probe))
     except Exception:  # The runtimes raise RuntimeError or ValueError.
         return Storage(False, "outputs_differ")
-    for g, w in zip(got, want):
-        scale = max(float(np.abs(w).max()), 1e-6)
-        if not (np.isfinite(g).all() and np.abs(g - w).max() <= 1e-4 * scale):
-            return Storage(False, "outputs_differ")
+    if not _agree(got, want, 1e-4):
+        return Storage(False, "outputs_differ")
     dense_ms, sparse_ms = paired_latency_ms([dense, sparse], _first_example(probe))
     if sparse_ms > SPARSE_LATENCY_TOLERANCE * dense_ms:
         return Storage(False, "slower", dense_ms, sparse_ms)
@@ -301,6 +336,107 @@ def _check_runs(content: bytes, what: str) -> None:
             f"The exported {what} does not run under {runtime.name()}'s default "
             f"settings: {e}"
         ) from e
+
+
+# Why a level's file was converted on its own rather than patched from the
+# densest level's file (the manifest's "patch_fallback"; None for a patched
+# level and for the densest level, whose conversion the others come from).
+PATCH_FALLBACKS = {
+    "quantization": "dynamic and int8 files quantize each level with scales "
+    "of its own weights",
+    "per_level_weights": "a weight differs between levels other than by "
+    "zeroed elements (the copies of shared weights of shared='per_level')",
+    "unmapped": "a weight that differs between levels was not found in the "
+    "densest level's buffers",
+    "not_verified": "the Keras model could not be run on the probe inputs to "
+    "check the patched file",
+    "outputs_differ": "the patched file's outputs differ from the Keras "
+    "model's at that level (as when a BatchNormalization feeds a pruned layer: "
+    "the converter folds its shift into that layer's bias through the kernel)",
+}
+# How close a patched file's outputs must be to the Keras level's, relative
+# to the largest output: the tolerance each exported file is held to (float16
+# weights round to 11 significant bits).
+_PATCH_TOLERANCE = {None: 1e-4, "float16": 1e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Made:
+    """How a level's dense file was made ("converted" or "patched"), and why
+    it was not patched (a key of `PATCH_FALLBACKS`)."""
+
+    by: str
+    fallback: str | None = None
+
+
+def _level_weights(model, levels) -> tuple[list[export_patch.Weight], str | None]:
+    """The weights that differ between `levels`, with their level codes; or
+    the reason (`PATCH_FALLBACKS`) the levels are not masked copies of the
+    densest one."""
+    owner = model_ops.owner(model)
+    prunable = {id(w) for w in owner.prunable_weights}
+    by_level = [owner.effective_weights(level) for level in levels]
+    weights = []
+    for w in owner.inner_model.weights:
+        values = [v[id(w)] for v in by_level]
+        if all(np.array_equal(v, values[-1]) for v in values[:-1]):
+            continue
+        codes = export_patch.level_codes(values) if id(w) in prunable else None
+        if codes is None:
+            return [], "per_level_weights"
+        weights.append(export_patch.Weight(w.path, values[-1], codes))
+    return weights, None
+
+
+def _find_buffers(model, levels, base: bytes, quantization):
+    """The buffers of `base` to patch into the other levels, or the reason
+    (`PATCH_FALLBACKS`) they cannot be patched."""
+    if len(levels) == 1:
+        return [], None  # Nothing to patch.
+    if quantization not in _PATCH_TOLERANCE:
+        return None, "quantization"
+    weights, reason = _level_weights(model, levels)
+    if reason is not None:
+        return None, reason
+    patches, missing = export_patch.find_buffers(base, weights)
+    return (None, "unmapped") if missing else (patches, None)
+
+
+def _keras_outputs(model, level: int, probe) -> list[np.ndarray]:
+    """What the embedded model computes at `level` on `probe`.
+
+    The embedded model is run at that level and set back, which is cheaper
+    than copying the model out with `extract` (what the file was made from,
+    and which predicts the same).
+    """
+    owner = model_ops.owner(model)
+    previous = owner.view_level
+    embedding.set_level(model, level)
+    try:
+        outputs = owner(probe, training=False)
+    finally:
+        embedding.set_level(model, previous)
+    return [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(outputs)]
+
+
+def _verify(model, level: int, content: bytes, probe, quantization) -> str | None:
+    """None if a patched file computes what Keras does at `level`, else the
+    reason (`PATCH_FALLBACKS`) to convert the level instead."""
+    try:
+        want = _keras_outputs(model, level, probe)
+    except Exception:  # Any input the Keras model does not take.
+        return "not_verified"
+    try:
+        got = _flat_outputs(runtime.predict(runtime.interpreter(content), probe))
+    except Exception:  # The runtimes raise RuntimeError or ValueError.
+        return "outputs_differ"
+    if not _agree(got, want, _PATCH_TOLERANCE[quantization]):
+        return "outputs_differ"
+    return None
+
+
+def _patch(base: bytes, patches, position: int) -> bytes:
+    return export_patch.patch(base, patches, position)
 
 
 def _accuracy(content: bytes, data, batch_size: int = 256) -> float:
@@ -420,13 +556,26 @@ def export_tflite(
     levels=None,
     quantization: str | None = None,
     representative_data=None,
-    sparse_encoding: bool = True,
+    sparse_encoding: bool = False,
     evaluation_data=None,
     bundle: bool = True,
     overwrite: bool = False,
     preprocessing: dict | None = None,
 ) -> dict:
     """Writes one `.tflite` per level, a bundle and `manifest.json`.
+
+    The densest level is converted once; every other level's file is that
+    file with the weights the level does not use zeroed in place, which takes
+    milliseconds, and is then run with the TFLite runtime on a few inputs and
+    compared with the Keras model at that level (within 1e-4 of the largest
+    output, 1e-2 for float16). A level is traced and converted on its own
+    instead when patching cannot give it: `"dynamic"` and `"int8"` files
+    quantize each level with its own scales; `shared="per_level"` gives
+    each level its own shared weights; a weight is not found in the
+    converted file; or the check fails. Each manifest row's `"made_by"`
+    (`"patched"` or `"converted"`) and `"patch_fallback"` (None, or one of
+    `PATCH_FALLBACKS`) say which. Exporting every level of a float32 model
+    costs about one conversion plus a fraction of a second a level.
 
     Args:
         model: an embedded model (from `elsa_tf.embed` / `elsa_tf.fit`).
@@ -439,9 +588,14 @@ def export_tflite(
         representative_data: inputs for `"int8"` calibration: an array, a
             `tf.data.Dataset` of inputs or `(inputs, labels)`, or a callable
             yielding lists of arrays (TFLite's protocol).
-        sparse_encoding: store weights in TFLite's sparse format
-            (`tf.lite.Optimize.EXPERIMENTAL_SPARSITY`), so sparser levels are
-            smaller files. A level is stored dense instead (its manifest row
+        sparse_encoding: also convert each level with TFLite's sparse storage
+            (`tf.lite.Optimize.EXPERIMENTAL_SPARSITY`), so that sparser levels
+            may be smaller files. False by default: it costs one more trace
+            and conversion per level, and saves bytes, not time (the runtime
+            densifies most sparse weights when it loads the file); the
+            bundle already holds every level in about the densest file's
+            size. Without it every level is stored dense (`"storage_reason":
+            "disabled"`). With it, a level is still stored dense (its row
             says `"sparse_encoding": false` and `"storage_reason"` says why,
             one of `STORAGE_REASONS`) when the sparse file is not smaller,
             when its outputs differ from the dense file's, when it runs
@@ -450,7 +604,8 @@ def export_tflite(
             `"dynamic"` and `"int8"`, when the converter expands sparse
             integer weights with DENSIFY ops, which LiteRT's default XNNPACK
             delegate cannot prepare: every file runs with the runtime's
-            default settings.
+            default settings. The dense files, and the bundle, are made as
+            without it.
         evaluation_data: `(x, y)` with integer or one-hot labels: each file's
             top-1 accuracy, measured with the TFLite runtime, goes into the
             manifest.
@@ -531,6 +686,65 @@ def export_tflite(
     return manifest
 
 
+def _dense_files(model, levels, base: bytes, quantization, representative_data, probe):
+    """Every level's file in dense storage, and how each was made: the
+    densest is `base`; the others are patched from it and checked against
+    Keras, or converted on their own when that fails (`PATCH_FALLBACKS`)."""
+    patches, reason = _find_buffers(model, levels, base, quantization)
+    files, made = [], []
+    for position, level in enumerate(levels[:-1]):
+        content, fallback = None, reason
+        if fallback is None:
+            content = _patch(base, patches, position)
+            fallback = _verify(model, level, content, probe, quantization)
+        if fallback is not None:
+            extracted = embedding.extract(model, level)
+            content = _convert(extracted, quantization, representative_data, False)
+        files.append(content)
+        made.append(_Made("converted", fallback) if fallback else _Made("patched"))
+    return [*files, base], [*made, _Made("converted")]
+
+
+def _sparse_form(model, level, saved, quantization, representative_data):
+    """A level converted with sparse storage, or None if the converter fails.
+    `saved` is the level's SavedModel when there is one already."""
+    with tempfile.TemporaryDirectory(prefix="elsa_saved_model_") as directory:
+        if saved is None:
+            saved = _saved_model(embedding.extract(model, level), directory)
+        try:
+            return _convert(saved, quantization, representative_data, True)
+        except Exception:  # The converter raises RuntimeError/ConverterError.
+            return None
+
+
+def _bundle(dense_files, levels, rows, name) -> tuple[bytes, dict]:
+    """The bundle file and its manifest entry."""
+    payload, stats = bundle_lib.encode(
+        dense_files,
+        header={
+            "levels": levels,
+            "target_sparsity": [r["target_sparsity"] for r in rows],
+            "achieved_sparsity": [r["achieved_sparsity"] for r in rows],
+            "quantization": name,
+            "elsa_tf_version": elsa_tf.__version__,
+            "file_bytes": bundle_lib.FILE_BYTES_PLACEHOLDER,
+        },
+    )
+    content = _with_file_bytes(dense_files[-1], payload)
+    _check_runs(content, BUNDLE_FILE)
+    return content, {
+        "file": BUNDLE_FILE,
+        "bytes": len(content),
+        "sha256": _sha256(content),
+        "levels": levels,
+        "map_bytes": stats.map_bytes,
+        "map_entropy_bytes": round(stats.map_entropy_bytes, 1),
+        "nested_weights": stats.nested_elements,
+        "override_bytes": stats.override_bytes,
+        "exact": stats.inexact_buffers == 0,
+    }
+
+
 def _write(
     model,
     out_dir,
@@ -545,30 +759,41 @@ def _write(
 ) -> dict:
     rows_by_level = {row["level"]: row for row in reporting.summary(model)}
     name = quantization or "float32"
-    rows, dense_files = [], []
-    signature, probe = None, None
-    for level in levels:
-        with tempfile.TemporaryDirectory(prefix="elsa_saved_model_") as directory:
-            # One trace, converted to both storage forms.
-            saved = _saved_model(embedding.extract(model, level), directory)
-            dense = _convert(saved, quantization, representative_data, False)
-            candidate, failed = None, False
-            if sparse_encoding:
-                try:
-                    candidate = _convert(saved, quantization, representative_data, True)
-                except Exception:  # The converter raises RuntimeError/ConverterError.
-                    failed = True
-        if signature is None:
-            signature = _signature(dense)
-            probe = _probe_inputs(signature, evaluation_data, representative_data)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="elsa_saved_model_") as directory:
+        # The one conversion every other level is patched from.
+        saved = _saved_model(embedding.extract(model, levels[-1]), directory)
+        base = _convert(saved, quantization, representative_data, False)
+        densest = rows_by_level[levels[-1]]["target_sparsity"]
+        _check_runs(base, level_file_name(levels[-1], densest))
+        signature = _signature(base)
+        probe = _probe_inputs(signature, evaluation_data, representative_data)
+        dense_files, made = _dense_files(
+            model, levels, base, quantization, representative_data, probe
+        )
+        candidates = [None] * len(levels)
+        if sparse_encoding:
+            candidates = [
+                _sparse_form(
+                    model,
+                    level,
+                    saved if level == levels[-1] else None,
+                    quantization,
+                    representative_data,
+                )
+                for level in levels
+            ]
+    for level, dense, how, candidate in zip(levels, dense_files, made, candidates):
         content = dense
-        storage = Storage(False, "conversion_failed" if failed else "disabled")
+        storage = Storage(False, "conversion_failed" if sparse_encoding else "disabled")
         if candidate is not None:
             storage = choose_storage(candidate, dense, quantization, probe)
             if storage.sparse:
                 content = candidate
         file_name = level_file_name(level, rows_by_level[level]["target_sparsity"])
-        _check_runs(content, file_name)
+        # `base` was checked, and a patched file ran when it was verified.
+        if storage.sparse or (how.by == "converted" and content is not base):
+            _check_runs(content, file_name)
         with open(os.path.join(out_dir, file_name), "wb") as f:
             f.write(content)
         row = {
@@ -579,6 +804,8 @@ def _write(
             "bytes": len(content),
             "sha256": _sha256(content),
             "quantization": name,
+            "made_by": how.by,
+            "patch_fallback": how.fallback,
             "sparse_encoding": storage.sparse,
             "storage_reason": storage.reason,
             "dense_bytes": len(dense),
@@ -591,7 +818,6 @@ def _write(
         if evaluation_data is not None:
             row["accuracy"] = _accuracy(content, evaluation_data)
         rows.append(row)
-        dense_files.append(dense)
 
     manifest = {
         "format": "elsa_tf.export",
@@ -612,32 +838,9 @@ def _write(
             "calibrated per level. Use the per-level files."
         )
     elif bundle:
-        payload, stats = bundle_lib.encode(
-            dense_files,
-            header={
-                "levels": levels,
-                "target_sparsity": [r["target_sparsity"] for r in rows],
-                "achieved_sparsity": [r["achieved_sparsity"] for r in rows],
-                "quantization": name,
-                "elsa_tf_version": elsa_tf.__version__,
-                "file_bytes": bundle_lib.FILE_BYTES_PLACEHOLDER,
-            },
-        )
-        content = _with_file_bytes(dense_files[-1], payload)
-        _check_runs(content, BUNDLE_FILE)
+        content, manifest["bundle"] = _bundle(dense_files, levels, rows, name)
         with open(os.path.join(out_dir, BUNDLE_FILE), "wb") as f:
             f.write(content)
-        manifest["bundle"] = {
-            "file": BUNDLE_FILE,
-            "bytes": len(content),
-            "sha256": _sha256(content),
-            "levels": levels,
-            "map_bytes": stats.map_bytes,
-            "map_entropy_bytes": round(stats.map_entropy_bytes, 1),
-            "nested_weights": stats.nested_elements,
-            "override_bytes": stats.override_bytes,
-            "exact": stats.inexact_buffers == 0,
-        }
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")

@@ -135,28 +135,33 @@ def frozen_mask(level_map: tf.Tensor, current_level) -> tf.Tensor:
     return level_map < tf.cast(current_level, MAP_DTYPE)
 
 
+def frozen_mask_np(level_map: np.ndarray, current_level: int) -> np.ndarray:
+    """`frozen_mask` in NumPy, for the eager selection side."""
+    return np.asarray(level_map) < current_level
+
+
 def masked_weight(weight: tf.Tensor, level_map: tf.Tensor, level) -> tf.Tensor:
     """The weight as level `level` sees it: unused entries are zero."""
     return tf.where(active_mask(level_map, level), weight, tf.zeros([], weight.dtype))
 
 
-def project_update(old, new, level_map, level: int):
+def project_update(old, new, level_map, level: int, zero_unused: bool = True):
     """An optimizer update of a prunable weight, put back onto the level.
 
-    Frozen entries (levels before `level`) keep `old`, entries of `level`
-    take `new`, and entries no level uses so far stay zero.
+    Frozen entries (levels before `level`) keep `old`. Entries of `level`
+    take `new`; so do entries no level uses so far (free and pruned) when
+    `zero_unused` is False (a sparsifier with feedback trains them), and
+    otherwise they stay zero.
     """
     current = tf.cast(level, MAP_DTYPE)
-    # A scalar zero broadcasts: no zero tensor is allocated every step.
-    value = tf.where(tf.equal(level_map, current), new, tf.zeros([], new.dtype))
+    if zero_unused:
+        # A scalar zero broadcasts: no zero tensor is allocated every step.
+        value = tf.where(tf.equal(level_map, current), new, tf.zeros([], new.dtype))
+    else:
+        value = new
     if level > 0:
         value = tf.where(level_map < current, old, value)
     return value
-
-
-def magnitude(weight: np.ndarray) -> np.ndarray:
-    """Gradual magnitude pruning's score: keep the largest weights."""
-    return np.abs(weight)
 
 
 def keep_count(total: int, sparsity: float) -> int:
@@ -294,10 +299,19 @@ def select_top_units(
     return keep.reshape(np.shape(scores))
 
 
-def prune_map(level_map: np.ndarray, keep: np.ndarray, level: int) -> np.ndarray:
-    """Marks the free weights of `level` that `keep` does not keep as unused."""
-    drop = (level_map == level) & ~keep
-    return np.where(drop, np.uint8(UNUSED), level_map).astype(np.uint8)
+def set_kept(level_map: np.ndarray, keep: np.ndarray, level: int) -> np.ndarray:
+    """The map after a mask update of `level`: free weights in `keep` are
+    kept by it, the other free weights are pruned (`UNUSED`)."""
+    level_map = np.asarray(level_map)
+    free = level_map >= level
+    updated = np.where(np.asarray(keep, bool), np.uint8(level), np.uint8(UNUSED))
+    return np.where(free, updated, level_map).astype(np.uint8)
+
+
+def reactivated_count(level_map: np.ndarray, keep: np.ndarray, level: int) -> int:
+    """Free weights pruned earlier in the level that `keep` brings back."""
+    del level  # every pruned free weight is UNUSED, whatever the level
+    return int(np.count_nonzero((np.asarray(level_map) == UNUSED) & keep))
 
 
 def open_map(level_map: np.ndarray, level: int) -> np.ndarray:

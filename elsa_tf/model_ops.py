@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from elsa_tf import elsa_model, levels
+from elsa_tf import elsa_model, levels, schedules, sparsifiers
 
 
 def owner(model):
@@ -66,111 +66,62 @@ def set_raw_training(model, enabled: bool) -> None:
     owner(model).train_raw = bool(enabled)
 
 
-def _units(scores, level_map, level, block_shape):
-    """One weight's selection units: their scores, sizes and candidacy.
+def prune_to(model, sparsity, step=None) -> None:
+    """Updates the current level's masks to `sparsity`, with its sparsifier.
 
-    A unit is a single weight, or a block when `block_shape` is set; a block
-    is a candidate when all its weights are free (maps are block-constant,
-    so it is then wholly free or wholly not).
-    """
-    free = level_map == level
-    if block_shape is None:
-        return scores.reshape(-1), np.ones(free.size, np.int64), free.reshape(-1)
-    return (
-        levels.block_reduce(scores, block_shape).reshape(-1),
-        levels.block_sizes(level_map.shape, block_shape).reshape(-1),
-        (levels.block_reduce(free, block_shape) == 1.0).reshape(-1),
-    )
-
-
-def _expand(unit_keep, shape, block_shape):
-    """A weight's keep mask from its units' (see `_units`)."""
-    if block_shape is None:
-        return unit_keep.reshape(shape)
-    grid = levels.block_sizes(shape, block_shape).shape
-    return levels.block_expand(unit_keep.reshape(grid), block_shape, shape)
-
-
-def _select_units(scores, maps, level, sparsity, block_shapes):
-    """Keep masks of weights ranked together in units (blocks or weights)."""
-    n_free = levels.free_keep_count(
-        sum(m.size for m in maps),
-        sum(np.count_nonzero(m < level) for m in maps),
-        sparsity,
-    )
-    units = [_units(s, m, level, b) for s, m, b in zip(scores, maps, block_shapes)]
-    keep = levels.select_top_units(
-        *(np.concatenate([u[i] for u in units]) for i in range(3)), n_free
-    )
-    counts = [u[0].size for u in units]
-    return [
-        _expand(k, m.shape, b)
-        for k, m, b in zip(np.split(keep, np.cumsum(counts)[:-1]), maps, block_shapes)
-    ]
-
-
-def prune_to(model, sparsity, score=levels.magnitude) -> None:
-    """Prunes the free weights of the current level down to `sparsity`.
-
-    Only weights kept so far in the current level are candidates (pruning is
-    monotone inside a level, as in gradual magnitude pruning); frozen weights
-    count as kept. Pruned weights are zeroed. Under the owner's
-    `block_shape`, rank-2 weights are ranked and pruned in whole blocks, by
-    mean score, and the kept count is the achievable one nearest the target
-    (`levels.select_top_units`).
+    The model's `Sparsifier` chooses the kept set of every weight among the
+    free ones (frozen weights always count as kept); its answer is checked
+    (`sparsifiers.check_kept`), not trusted. Free weights it does not keep
+    are pruned: set to zero, unless the sparsifier has feedback
+    (`DynamicPruningWithFeedback`), whose pruned weights keep training and
+    may come back at a later update (counted in `reactivations`).
 
     Args:
         model: an embedded model.
         sparsity: the sparsity to reach over the prunable weights.
-        score: NumPy weight array -> score array; the highest scores are kept.
+        step: the step in the level (passed to the sparsifier), or None at
+            the level's end.
     """
     o = owner(model)
     k = o.current_level
     if k >= o.num_levels:
         raise ValueError("Every level is finished; there is nothing left to prune.")
-    weights = o.prunable_weights
-    values = [keras.ops.convert_to_numpy(v.value) for v in weights]
+    values = [keras.ops.convert_to_numpy(v.value) for v in o.prunable_weights]
     maps = [m.numpy() for m in o.level_maps]
-    block_shapes = [levels.weight_block_shape(m.shape, o.block_shape) for m in maps]
-    elementwise = all(b is None for b in block_shapes)
-    if o.selection == "global" and elementwise:
-        flat_maps = np.concatenate([m.reshape(-1) for m in maps])
-        n_free = levels.free_keep_count(
-            flat_maps.size, np.count_nonzero(flat_maps < k), sparsity
-        )
-        keep = levels.select_top(
-            np.concatenate([score(v).reshape(-1) for v in values]),
-            flat_maps == k,
-            n_free,
-        )
-        keeps = np.split(keep, np.cumsum([m.size for m in maps])[:-1])
-    elif o.selection == "global":
-        scores = [score(v) for v in values]
-        keeps = _select_units(scores, maps, k, sparsity, block_shapes)
-    else:
-        keeps = [
-            levels.select_top(
-                score(v),
-                m == k,
-                levels.free_keep_count(m.size, np.count_nonzero(m < k), sparsity),
-            )
-            if b is None
-            else _select_units([score(v)], [m], k, sparsity, [b])[0]
-            for v, m, b in zip(values, maps, block_shapes)
-        ]
+    sparsifier = o.sparsifier
+    kept = sparsifiers.check_kept(
+        sparsifier.select(values, maps, k, sparsity, step),
+        maps,
+        k,
+        sparsity,
+        sparsifier,
+    )
+    reactivated = 0
     for weight, map_variable, value, level_map, keep in zip(
-        weights, o.level_maps, values, maps, keeps
+        o.prunable_weights, o.level_maps, values, maps, kept
     ):
-        drop = (level_map == k) & ~keep.reshape(level_map.shape)
-        if not drop.any():
+        new_map = levels.set_kept(level_map, keep, k)
+        if np.array_equal(new_map, level_map):
             continue  # early in a ramp most updates keep everything
-        map_variable.assign(levels.prune_map(level_map, ~drop, k))
-        value[drop] = 0
-        weight.assign(value)
+        reactivated += levels.reactivated_count(level_map, keep, k)
+        map_variable.assign(new_map)
+        if not sparsifier.feedback:
+            drop = (level_map >= k) & ~keep
+            if drop.any():
+                value[drop] = 0
+                weight.assign(value)
+    if reactivated:
+        counts = o.reactivations.numpy()
+        counts[k] += reactivated
+        o.reactivations.assign(counts)
 
 
 def finish_level(model) -> int:
     """Prunes the current level to its exact target, freezes it, opens the next.
+
+    Traced functions bake the level in: `model`'s own are dropped here; a
+    custom training loop's step made with `elsa_tf.function` retraces by
+    itself.
 
     Returns:
         The index of the level just finished.
@@ -179,23 +130,72 @@ def finish_level(model) -> int:
     k = o.current_level
     prune_to(model, o.sparsities[k])
     o.finish_level()
+    reset_compiled_functions(o)
     return k
 
 
+def mask_update_steps(model, level: int, level_steps: int) -> dict[int, float]:
+    """Step -> sparsity of every mask update in a level of `level_steps` steps.
+
+    From the level's tfmot schedule (the model's `LevelSchedule`) and its
+    sparsifier's `update_interval`.
+    """
+    o = owner(model)
+    schedule = o.schedule.build(o.sparsities[level], level_steps)
+    return schedules.update_steps(schedule, level_steps, o.sparsifier.update_interval)
+
+
+def update_masks(model, step: int, level_steps: int) -> bool:
+    """Updates the current level's masks if its schedule says so at `step`.
+
+    For custom training loops: call it before every training step of a
+    level, then `finish_level` after the level's last step. `LevelScheduler`
+    does both inside `model.fit`.
+
+    Args:
+        model: an embedded model.
+        step: the step in the current level, from 0.
+        level_steps: the number of steps the level trains.
+
+    Returns:
+        Whether the masks were updated.
+    """
+    o = owner(model)
+    k = o.current_level
+    if k >= o.num_levels:
+        raise ValueError("Every level is finished; there is nothing left to prune.")
+    key = (k, int(level_steps))
+    cache = getattr(o, "_update_steps_cache", None)
+    if cache is None or cache[0] != key:
+        cache = (key, mask_update_steps(o, k, int(level_steps)))
+        object.__setattr__(o, "_update_steps_cache", cache)
+    sparsity = cache[1].get(int(step))
+    if sparsity is None:
+        return False
+    prune_to(o, sparsity, int(step))
+    return True
+
+
 def level_counts(model) -> list[dict]:
-    """Per prunable weight: its name, size and kept count at every level."""
+    """Per prunable weight: name, size, and kept and zero counts per level.
+
+    `zeros[k]` counts the weights level k keeps whose value is exactly zero:
+    capacity the level holds but does not use.
+    """
     o = owner(model)
     rows = []
     for path, weight, level_map in zip(
         o.weight_owners, o.prunable_weights, o.level_maps
     ):
-        values = level_map.numpy()
+        codes = level_map.numpy()
+        zero_codes = codes[keras.ops.convert_to_numpy(weight.value) == 0]
         rows.append(
             {
                 "layer": path,
                 "weight": weight.path,
-                "size": int(values.size),
-                "kept": levels.level_counts(values, o.num_levels).tolist(),
+                "size": int(codes.size),
+                "kept": levels.level_counts(codes, o.num_levels).tolist(),
+                "zeros": levels.level_counts(zero_codes, o.num_levels).tolist(),
             }
         )
     return rows

@@ -16,14 +16,16 @@ class LevelSummary(list):
         with_accuracy = any("accuracy" in row for row in self)
         lines = [
             f"{'level':>5}  {'target':>7}  {'achieved':>8}  {'kept':>10}  "
-            f"{'of':>10}  {'status':<8}" + ("  accuracy" if with_accuracy else "")
+            f"{'of':>10}  {'zeros':>6}  {'react.':>7}  {'status':<8}"
+            + ("  accuracy" if with_accuracy else "")
         ]
         for row in self:
             accuracy = row.get("accuracy")
             lines.append(
                 f"{row['level']:>5}  {row['target_sparsity']:>7.2%}  "
                 f"{row['achieved_sparsity']:>8.2%}  {row['kept']:>10,}  "
-                f"{row['total']:>10,}  {row['status']:<8}"
+                f"{row['total']:>10,}  {row.get('zero_share', 0.0):>6.1%}  "
+                f"{row.get('reactivations', 0):>7,}  {row['status']:<8}"
                 + (f"  {accuracy:>8.2%}" if accuracy is not None else "")
             )
             for layer in row.get("layers", []):
@@ -38,7 +40,10 @@ def summary(model, per_layer: bool = False) -> LevelSummary:
     """One dict per level: target and achieved sparsity, kept parameters.
 
     Sparsity is measured over the prunable weights. A level not finished yet
-    reports what it holds now.
+    reports what it holds now. `zero_share` is the share of the level's kept
+    weights that are exactly zero (capacity it holds but does not use), and
+    `reactivations` counts the weights a sparsifier with feedback pruned and
+    later brought back during that level's training.
 
     Args:
         model: an embedded model.
@@ -46,8 +51,9 @@ def summary(model, per_layer: bool = False) -> LevelSummary:
 
     Returns:
         A `LevelSummary` (a list of dicts with keys `level`,
-        `target_sparsity`, `achieved_sparsity`, `kept`, `total`, `status` and,
-        with `per_layer`, `layers`); `print()` it for a table.
+        `target_sparsity`, `achieved_sparsity`, `kept`, `total`,
+        `zero_share`, `reactivations`, `status` and, with `per_layer`,
+        `layers`); `print()` it for a table.
 
     Raises:
         ValueError: if the model is not embedded.
@@ -55,16 +61,20 @@ def summary(model, per_layer: bool = False) -> LevelSummary:
     sparsities = model_ops.sparsities(model)
     current = model_ops.current_level(model)
     weights = model_ops.level_counts(model)
+    reactivations = model_ops.owner(model).reactivations.numpy()
     total = sum(w["size"] for w in weights)
     rows = LevelSummary()
     for k, target in enumerate(sparsities):
         kept = sum(w["kept"][k] for w in weights)
+        zeros = sum(w["zeros"][k] for w in weights)
         row = {
             "level": k,
             "target_sparsity": target,
             "achieved_sparsity": 1.0 - kept / total,
             "kept": kept,
             "total": total,
+            "zero_share": zeros / kept if kept else 0.0,
+            "reactivations": int(reactivations[k]),
             "status": "finished"
             if k < current
             else ("training" if k == current else "pending"),

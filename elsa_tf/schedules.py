@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 _KINDS = ("polynomial_decay", "constant")
 _LEGACY_KERAS = "TF_USE_LEGACY_KERAS"
@@ -131,6 +133,26 @@ class LevelSchedule:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"LevelSchedule({args})"
+
+
+def update_steps(schedule, level_steps: int, interval=None) -> dict[int, float]:
+    """Step -> sparsity for every step at which the level's masks update.
+
+    Without an `interval`, the steps at which the tfmot schedule prunes;
+    with one (a sparsifier's `update_interval`), every `interval` steps from
+    the schedule's first pruning step to the level's end, at the sparsity
+    the schedule gives for that step.
+    """
+    steps = tf.range(level_steps, dtype=tf.int64)
+    should, sparsity = schedule(steps)
+    should = np.broadcast_to(np.asarray(should), (level_steps,))
+    sparsity = np.broadcast_to(np.asarray(sparsity, np.float64), (level_steps,))
+    if interval is None:
+        chosen = np.flatnonzero(should)
+    else:
+        first = int(np.flatnonzero(should)[0]) if should.any() else 0
+        chosen = np.arange(first, level_steps, interval)
+    return {int(s): float(sparsity[s]) for s in chosen}
 
 
 def _tfmot_sparsity():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from elsa_tf import callbacks, model_ops
 from elsa_tf import optimizer as optimizer_lib
@@ -29,6 +30,23 @@ def _optimizer_factory(optimizer):
     )
 
 
+def _training_inputs(x, steps_per_epoch=None):
+    """What `recalibration_data="auto"` re-estimates statistics on, or None.
+
+    `x` itself when it is an array or a finite dataset; one epoch of a
+    dataset of infinite or unknown length when `steps_per_epoch` says how
+    long that is; otherwise nothing.
+    """
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, tf.data.Dataset):
+        if int(x.cardinality()) >= 0:
+            return x
+        if steps_per_epoch is not None:
+            return x.take(int(steps_per_epoch))
+    return None
+
+
 def fit(
     model: keras.Model,
     x=None,
@@ -40,7 +58,7 @@ def fit(
     metrics=None,
     levels=None,
     initial_epoch: int = 0,
-    recalibration_data=None,
+    recalibration_data="auto",
     **fit_kwargs,
 ) -> list:
     """Trains the levels of an embedded model in order, sparsest first.
@@ -71,6 +89,14 @@ def fit(
             dataset of inputs or `(x, y)`): BatchNormalization statistics are
             re-estimated on them at the end of every level, before it is
             frozen, so that short levels do not freeze lagging statistics.
+            `"auto"` (the default) uses `x` when it is a NumPy array or a
+            finite `tf.data.Dataset` (one epoch, `steps_per_epoch` batches,
+            of an infinite one), and nothing otherwise; pass un-augmented
+            inputs here if `x` is augmented. None re-estimates nothing.
+            Measured on a digits CNN with BatchNormalization: without it
+            ELSA trailed separately pruned models by 1.5 to 2.6 points, with
+            it by at most 0.9 (issue 10). Models without BatchNormalization
+            are not affected.
         **fit_kwargs: passed to `keras.Model.fit` (`batch_size`,
             `validation_data`, `callbacks`, `steps_per_epoch`, ...).
 
@@ -107,6 +133,13 @@ def fit(
             "elsa_tf.fit sets epochs itself from epochs_per_level. "
             f"Received: epochs={fit_kwargs['epochs']!r}"
         )
+    if isinstance(recalibration_data, str):
+        if recalibration_data != "auto":
+            raise ValueError(
+                'recalibration_data must be "auto", None, an array or a '
+                f"dataset. Received: recalibration_data={recalibration_data!r}"
+            )
+        recalibration_data = _training_inputs(x, fit_kwargs.get("steps_per_epoch"))
     user_callbacks = list(fit_kwargs.pop("callbacks", None) or [])
     histories = []
     for i, level in enumerate(levels):

@@ -54,7 +54,9 @@ def _check_levels(model, finished):
 
 @pytest.mark.parametrize("inputs", [8, 6])  # 6: partial 2x1 blocks at the edge
 def test_per_layer_maps_stay_block_constant_nested_and_on_target(inputs):
-    model = elsa_tf.embed(mlp(inputs=inputs), SPARSITIES, block_shape=BLOCK)
+    model = elsa_tf.embed(
+        mlp(inputs=inputs), SPARSITIES, selection="per_layer", block_shape=BLOCK
+    )
     rng = np.random.default_rng(0)
     for k, target in enumerate(SPARSITIES):
         before = [m.numpy() for _, _, m in _entries(model)]
@@ -129,7 +131,7 @@ def test_global_selection_ranks_dense_blocks_with_conv_weights():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_layer_type_blocks_rank_2_weights_only(name):
     build, _ = MODELS[name]
-    model = elsa_tf.embed(build(), SPARSITIES, block_shape=BLOCK)
+    model = elsa_tf.embed(build(), SPARSITIES, selection="per_layer", block_shape=BLOCK)
     rng = np.random.default_rng(0)
     for k in range(len(SPARSITIES)):
         _train_free_weights(model, rng)
@@ -163,7 +165,7 @@ def test_block_shape_survives_save_and_load(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "blocks.keras")
     owner = model_ops.owner(loaded)
     assert owner.block_shape == (4, 1)
-    assert owner.get_config()["block_shape"] == [4, 1]
+    assert owner.get_config()["sparsifier"]["config"]["block_shape"] == [4, 1]
     # The reloaded model goes on pruning in blocks, exactly as the original.
     for m in (model, loaded):
         _train_free_weights(m, np.random.default_rng(1))
@@ -176,7 +178,7 @@ def test_block_shape_survives_save_and_load(tmp_path):
 def test_fit_keeps_maps_block_constant():
     x, y = vector_data()
     sparsities = [0.75, 0.5, 0.0]
-    model = elsa_tf.embed(mlp(), sparsities, block_shape=BLOCK)
+    model = elsa_tf.embed(mlp(), sparsities, selection="per_layer", block_shape=BLOCK)
     kwargs = dict(
         epochs_per_level=2,
         optimizer=keras.optimizers.Adam(0.01),

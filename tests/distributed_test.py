@@ -159,7 +159,7 @@ def _scenario() -> dict:
         common = dict(batch_size=BATCH_SIZE, shuffle=False, verbose=0)
         with strategy.scope():
             if name == "mlp_scheduler_sgd":
-                model = elsa_tf.embed(base, SPARSITIES)
+                model = elsa_tf.embed(base, SPARSITIES, selection="per_layer")
                 model.compile(
                     optimizer=elsa_tf.FreezingOptimizer(
                         keras.optimizers.SGD(0.05, momentum=0.9)
@@ -174,7 +174,9 @@ def _scenario() -> dict:
                     **common,
                 )
             else:
-                model = elsa_tf.embed(base, SPARSITIES, shared="per_level")
+                model = elsa_tf.embed(
+                    base, SPARSITIES, selection="per_layer", shared="per_level"
+                )
         if name == "cnn_fit_adamw":
             elsa_tf.fit(
                 model,

@@ -49,17 +49,24 @@ def test_a_model_that_is_not_embedded_raises(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_a_failed_conversion_leaves_no_directory(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing_call", [1, 3])
+def test_a_failed_conversion_leaves_no_directory(
+    model, tmp_path, monkeypatch, failing_call
+):
     calls = []
 
     def failing(*args):
         calls.append(args)
-        if len(calls) == 3:
+        if len(calls) == failing_call:
             raise RuntimeError("converter failed")
         return real(*args)
 
     real = export._convert
     monkeypatch.setattr(export, "_convert", failing)
+    # The densest level's conversion fails, or a later one: every other level
+    # is converted on its own here (its patched file is made to fail its
+    # check), and the second of them fails.
+    monkeypatch.setattr(export, "_verify", lambda *args: "outputs_differ")
     with pytest.raises(RuntimeError, match="converter failed"):
         elsa_tf.export_tflite(model, tmp_path / "out")
     assert _leftovers(tmp_path) == []
@@ -126,7 +133,7 @@ def test_block_shaped_levels_run_on_the_sparse_kernel(tmp_path, monkeypatch):
         [keras.Input((64,)), keras.layers.Dense(64), keras.layers.Dense(8)]
     )
     model = finish_levels(elsa_tf.embed(base, [0.9, 0.0], block_shape=(4, 1)))
-    elsa_tf.export_tflite(model, tmp_path / "out", levels=[0])
+    elsa_tf.export_tflite(model, tmp_path / "out", levels=[0], sparse_encoding=True)
     content = (tmp_path / "out" / "level0_sparsity0.90.tflite").read_bytes()
     sparse = [t for t in fb.read_model(content).tensors if t.sparse]
     assert sparse  # Stored block-sparse...
@@ -206,7 +213,9 @@ def test_a_level_is_stored_sparse_only_if_not_slower(
         return list(timings)
 
     monkeypatch.setattr(export, "paired_latency_ms", timed)
-    manifest = elsa_tf.export_tflite(_sparse_enough(), tmp_path / "out", levels=[0])
+    manifest = elsa_tf.export_tflite(
+        _sparse_enough(), tmp_path / "out", levels=[0], sparse_encoding=True
+    )
     row = manifest["levels"][0]
     assert calls == [2]  # Dense and sparse forms, timed side by side.
     assert row["sparse_encoding"] is sparse and row["storage_reason"] == reason
@@ -216,9 +225,14 @@ def test_a_level_is_stored_sparse_only_if_not_slower(
 
 def test_every_dense_stored_level_says_why(tmp_path):
     model = _sparse_enough()
-    manifest = elsa_tf.export_tflite(model, tmp_path / "a", sparse_encoding=False)
+    manifest = elsa_tf.export_tflite(model, tmp_path / "a")  # Dense by default.
     assert [r["storage_reason"] for r in manifest["levels"]] == ["disabled"] * 2
-    manifest = elsa_tf.export_tflite(model, tmp_path / "b", quantization="dynamic")
+    assert [r["bytes"] for r in manifest["levels"]] == [
+        r["dense_bytes"] for r in manifest["levels"]
+    ]
+    manifest = elsa_tf.export_tflite(
+        model, tmp_path / "b", quantization="dynamic", sparse_encoding=True
+    )
     # DENSIFY would expand the sparse int8 kernel; level 1 is fully dense.
     assert [r["storage_reason"] for r in manifest["levels"]] == [
         "densify",
@@ -267,6 +281,7 @@ def test_models_with_named_inputs_and_several_outputs_export(tmp_path):
         ("token_ids", [-1, 8], "int32"),
     ]
     assert [o["name"] for o in manifest["outputs"]] == ["output_0", "output_1"]
+    assert [r["made_by"] for r in manifest["levels"]] == ["patched", "converted"]
     runner = lite.LevelRunner(tmp_path / "out")
     for level in (0, 1):
         want = [
@@ -314,6 +329,7 @@ def test_a_keras_hub_text_backbone_exports_with_named_inputs(tmp_path):
         "segment_ids": np.zeros((3, 8), "int32"),
         "padding_mask": np.ones((3, 8), "int32"),
     }
+    assert [r["made_by"] for r in manifest["levels"]] == ["patched", "converted"]
     runner = lite.LevelRunner(tmp_path / "out")
     for level in (0, 1):
         want = elsa_tf.extract(model, level)(inputs)

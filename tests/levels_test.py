@@ -80,9 +80,16 @@ def test_keep_counts_count_frozen_as_kept():
 def test_prune_then_open_moves_pruned_weights_to_the_next_level():
     m = _map([0, 1, 1, 1])  # level 1 in progress, one weight frozen at level 0
     keep = np.array([False, True, False, True])
-    pruned = levels.prune_map(m, keep, 1)
+    pruned = levels.set_kept(m, keep, 1)
     np.testing.assert_array_equal(pruned, [0, 1, U, 1])  # frozen weight untouched
     np.testing.assert_array_equal(levels.open_map(pruned, 2), [0, 1, 2, 1])
+
+
+def test_set_kept_brings_back_pruned_free_weights_and_counts_them():
+    m = _map([0, 1, U, U])  # level 1: weight 2 and 3 were pruned this level
+    keep = np.array([True, False, True, False])
+    np.testing.assert_array_equal(levels.set_kept(m, keep, 1), [0, U, 1, U])
+    assert levels.reactivated_count(m, keep, 1) == 1
 
 
 def test_level_counts_are_cumulative():
@@ -96,6 +103,14 @@ def test_project_update_keeps_frozen_takes_current_zeroes_the_rest():
     new = tf.constant([9.0, 8.0, 7.0, 6.0])
     np.testing.assert_array_equal(levels.project_update(old, new, m, 1), [1, 8, 7, 0])
     np.testing.assert_array_equal(levels.project_update(None, new, m, 0), [9, 0, 0, 0])
+
+
+def test_project_update_with_feedback_trains_pruned_free_weights():
+    m = tf.constant([0, 1, 1, U], tf.uint8)
+    old = tf.constant([1.0, 2.0, 3.0, 4.0])
+    new = tf.constant([9.0, 8.0, 7.0, 6.0])
+    got = levels.project_update(old, new, m, 1, zero_unused=False)
+    np.testing.assert_array_equal(got, [1, 8, 7, 6])
 
 
 @pytest.mark.parametrize(

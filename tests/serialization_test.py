@@ -27,6 +27,7 @@ def _config_round_trip(obj):
         {"selection": "global"},
         {"block_shape": [4, 1]},
         {"schedule": elsa_tf.LevelSchedule("constant", end_fraction=0.5, frequency=3)},
+        {"sparsifier": elsa_tf.DynamicPruningWithFeedback(8, carry="feedback")},
         {"name": "custom_name"},
     ],
 )
@@ -37,9 +38,21 @@ def test_elsa_model_config_round_trip_keeps_every_argument(kwargs):
     assert clone.sparsities == (0.9, 0.5, 0.0)
     assert type(clone.inner_model) is type(model.inner_model)
     for key, value in kwargs.items():
-        assert clone.get_config()[key] == (
-            keras.saving.serialize_keras_object(value) if key == "schedule" else value
-        )
+        if key in ("selection", "block_shape"):  # options of the sparsifier
+            assert clone.get_config()["sparsifier"]["config"][key] == value
+        elif key in ("schedule", "sparsifier"):
+            assert clone.get_config()[key] == keras.saving.serialize_keras_object(value)
+        else:
+            assert clone.get_config()[key] == value
+
+
+def test_a_config_of_elsa_tf_0_2_0_loads_with_its_selection_and_blocks():
+    model = elsa_tf.ElsaModel(mlp(), [0.9, 0.0])
+    config = model.get_config()
+    del config["sparsifier"]
+    config.update(selection="global", block_shape=[4, 1])  # as 0.2.0 wrote it
+    old = elsa_tf.ElsaModel.from_config(config)
+    assert old.sparsifier == elsa_tf.GradualMagnitude("global", (4, 1))
 
 
 def test_schedule_config_round_trip_keeps_every_argument():
@@ -213,6 +226,31 @@ def test_a_file_saved_by_version_0_1_is_refused_naming_the_version():
     path = os.path.join(os.path.dirname(__file__), "data", "elsa_0.1_mlp.keras")
     with pytest.raises(Exception, match=r"saved by elsa_tf 0\.1.*elsa_tf 0\.2"):
         keras.saving.load_model(path)
+
+
+def test_a_file_saved_by_version_0_2_0_loads_and_keeps_training():
+    # Written by elsa_tf 0.2.0 (commit 67c0d77, no sparsifier object, no
+    # reactivation counts): an 8-16-BN-3 MLP embedded with per-layer
+    # selection and 2x1 blocks, levels 0 and 1 trained; level predictions on
+    # the first 8 inputs of the seed-0 normal data saved beside it.
+    data = os.path.join(os.path.dirname(__file__), "data")
+    loaded = keras.saving.load_model(os.path.join(data, "elsa_0.2.0_mlp.keras"))
+    assert loaded.sparsifier == elsa_tf.GradualMagnitude("per_layer", (2, 1))
+    assert loaded.current_level == 2
+    assert loaded.reactivations.numpy().tolist() == [0, 0, 0]
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    want = np.load(os.path.join(data, "elsa_0.2.0_mlp_predictions.npy"))
+    for k in range(2):
+        got = elsa_tf.extract(loaded, k).predict(x[:8], verbose=0)
+        np.testing.assert_allclose(got, want[k], atol=1e-6)
+    y = np.random.default_rng(1).integers(0, 3, 64)
+    elsa_tf.fit(
+        loaded, x, y, epochs_per_level=1, optimizer="adam", loss=LOSS, verbose=0
+    )
+    assert [r["status"] for r in elsa_tf.summary(loaded)] == ["finished"] * 3
+    np.testing.assert_allclose(
+        elsa_tf.extract(loaded, 0).predict(x[:8], verbose=0), want[0], atol=1e-6
+    )
 
 
 @keras.saving.register_keras_serializable(package="elsa_tf_test")

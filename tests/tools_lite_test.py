@@ -43,7 +43,9 @@ def exported(tmp_path_factory):
     model.save(root / "model.keras")
     x, y = vector_data(n=32)
     np.savez(root / "data.npz", x=x, y=y)
-    manifest = elsa_tf.export_tflite(model, root / "export", evaluation_data=(x, y))
+    manifest = elsa_tf.export_tflite(
+        model, root / "export", evaluation_data=(x, y), sparse_encoding=True
+    )
     return {
         "root": root,
         "model": str(root / "model.keras"),

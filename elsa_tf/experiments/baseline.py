@@ -351,6 +351,7 @@ def train_independent_elsa(
     optimizer: Callable[[], object],
     schedule: schedules.LevelSchedule,
     seed: int,
+    sparsifier: str = "gradual_magnitude",
     selection: str = "global",
     shared: str = "freeze",
     augment: bool = True,
@@ -374,7 +375,7 @@ def train_independent_elsa(
             recalibration_data, verbose, on_start: as for `train_independent`.
         optimizer: zero-argument factory of Keras 3 optimizers.
         schedule: the `LevelSchedule` of the ELSA run.
-        selection, shared: as for `elsa_tf.embed`.
+        sparsifier, selection, shared: as for `elsa_tf.embed`.
         workdir: when given, each model's export goes to
             `workdir/baseline_elsa/level{k}/`.
 
@@ -398,7 +399,12 @@ def train_independent_elsa(
             on_start(level, target)
         keras.utils.set_random_seed(seed)
         model = elsa_tf.embed(
-            build(), [target], selection=selection, shared=shared, schedule=schedule
+            build(),
+            [target],
+            sparsifier=sparsifier,
+            selection=selection,
+            shared=shared,
+            schedule=schedule,
         )
         start = time.perf_counter()
         elsa_tf.fit(
@@ -428,7 +434,7 @@ def train_independent_elsa(
         if out_root is not None:
             out_dir = os.path.join(out_root, f"level{level}")
             manifest = elsa_tf.export_tflite(
-                model, out_dir, bundle=False, overwrite=True
+                model, out_dir, bundle=False, overwrite=True, sparse_encoding=True
             )
             (file_row,) = manifest["levels"]
             row["tflite_bytes"] = int(file_row["bytes"])

@@ -13,10 +13,10 @@ import math
 import os
 from collections.abc import Sequence
 
-from elsa_tf import levels
+from elsa_tf import levels, sparsifiers
 from elsa_tf.experiments import datasets, optimizers, zoo
 
-SPARSIFIERS = ("gradual_magnitude",)
+SPARSIFIERS = ("gradual_magnitude", "dpf")
 SCHEDULES = ("polynomial_decay", "constant")
 SELECTIONS = ("global", "per_layer")
 SHARED_MODES = ("freeze", "per_level")
@@ -25,7 +25,10 @@ QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
 # "none" (or nothing) trains none.
 NO_BASELINE = "none"
 BASELINES = ("independent", "independent_elsa")
-_SPARSIFIER_NAMES = {"gradual_magnitude": "gradual magnitude"}
+_SPARSIFIER_NAMES = {
+    "gradual_magnitude": "gradual magnitude",
+    "dpf": "dynamic pruning with feedback",
+}
 _SELECTION_NAMES = {"global": "global ranking", "per_layer": "per-layer ranking"}
 DISTRIBUTIONS = ("none", "mirrored")
 AUTO = "auto"
@@ -199,8 +202,8 @@ class Config:
     weight_decay: float = 0.0
     sparsifier: str = "gradual_magnitude"
     schedule: str = "polynomial_decay"
-    # Global ranking keeps small first layers alive at high sparsity.
-    selection: str = "global"
+    # The library's default (elsa_tf.sparsifiers.DEFAULT_SELECTION).
+    selection: str = sparsifiers.DEFAULT_SELECTION
     shared: str = "freeze"
     # Re-estimate BatchNormalization statistics at the end of every level
     # (and of every baseline model): short levels otherwise freeze lagging

@@ -90,7 +90,8 @@ flags.DEFINE_enum(
     "sparsifier",
     _D.sparsifier,
     list(config_lib.SPARSIFIERS),
-    "How each level is sparsified: gradual magnitude pruning (Zhu & Gupta).",
+    "How each level is sparsified: gradual_magnitude (gradual magnitude "
+    "pruning, Zhu & Gupta) or dpf (Dynamic Pruning with Feedback, Lin et al.).",
 )
 flags.DEFINE_enum(
     "schedule",

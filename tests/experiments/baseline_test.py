@@ -355,6 +355,7 @@ def test_independent_elsa_models_train_as_elsa_would(tmp_path):
         optimizer=common["optimizer"],
         loss=LOSS,
         levels=[0],
+        recalibration_data=None,  # as the baseline was given
         shuffle=False,
         verbose=0,
     )

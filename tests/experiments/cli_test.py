@@ -192,3 +192,27 @@ def test_overwrite_replaces_a_previous_run_and_a_log_gets_lines(tmp_path):
     assert "Level 0 of 2: target sparsity 50.00%" in result.stdout
     for noise in TF_NOISE:
         assert noise not in result.stdout + result.stderr
+
+
+def test_sparsifier_flag_is_read_and_the_saved_model_restores_it(tmp_path):
+    workdir = tmp_path / "run"
+    result = elsa_train(
+        f"--workdir={workdir}", *TINY, "--sparsifier=dpf", tmp_path=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((workdir / "report.json").read_text())
+    assert "dynamic pruning with feedback" in json.dumps(report)
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import keras, elsa_tf; "
+            f"m = keras.saving.load_model({str(workdir / 'model.keras')!r}); "
+            "print(type(m.sparsifier).__name__)",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert check.stdout.strip().endswith("DynamicPruningWithFeedback"), check.stderr

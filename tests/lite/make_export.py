@@ -51,6 +51,7 @@ def make(out_dir, epochs_per_level: int = 3) -> str:
             representative_data=x_train,
             evaluation_data=(x, y),
             overwrite=True,
+            sparse_encoding=True,
         )
     outputs = {
         f"level{k}": keras.ops.convert_to_numpy(elsa_tf.extract(model, k)(x))
