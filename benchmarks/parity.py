@@ -37,6 +37,7 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from _configs import CIFAR10_RESNET20, run_configs  # noqa: E402
 from _output import write_json  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
@@ -81,31 +82,9 @@ CONFIGS = {
         "batch_size": 128,
         "learning_rate": 1e-3,
     },
-    "cifar10": {
-        "dataset": "cifar10",
-        "model": "resnet20",
-        "sparsities": (0.9, 0.75, 0.5, 0.0),
-        "epochs_per_level": 30,
-        "batch_size": 128,
-        "optimizer": "sgd",
-        "learning_rate": 0.05,
-        "weight_decay": 5e-4,
-    },
+    "cifar10": CIFAR10_RESNET20,
 }
 COMMON = {"selection": "per_layer", "baseline": "independent", "export_tflite": True}
-
-
-def _available(fields: dict, data_dir) -> str | None:
-    """None if the config's data can be read, else why not."""
-    from elsa_tf.experiments import datasets
-
-    if fields["dataset"] not in datasets.TFDS_NAMES:
-        return None
-    try:
-        datasets.load(fields["dataset"], data_dir=data_dir)
-    except FileNotFoundError as e:
-        return str(e).splitlines()[0]
-    return None
 
 
 def run_config(name: str, seeds, workdir: str, *, epochs=None, data_dir=None) -> dict:
@@ -209,28 +188,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     seeds = [int(s) for s in FLAGS.seeds]
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="elsa_parity_")
-    results = {}
-    for name in FLAGS.configs:
-        if name not in CONFIGS:
-            raise app.UsageError(
-                f"Unknown config. Expected some of {sorted(CONFIGS)}. "
-                f"Received: --configs={name}"
-            )
-        missing = _available(CONFIGS[name], FLAGS.data_dir)
-        if missing:
-            print(f"{name}: skipped, no data ({missing})", flush=True)
-            results[name] = {"skipped": missing}
-            continue
-        result = run_config(
-            name,
-            seeds,
-            workdir,
-            epochs=FLAGS.epochs_per_level,
-            data_dir=FLAGS.data_dir,
-        )
-        result["summary"] = summarize(result)
-        results[name] = result
-        print(format_table(name, result), flush=True)
+    results = run_configs(
+        FLAGS.configs,
+        CONFIGS,
+        FLAGS.data_dir,
+        lambda name: run_config(
+            name, seeds, workdir, epochs=FLAGS.epochs_per_level, data_dir=FLAGS.data_dir
+        ),
+        summarize,
+        format_table,
+    )
     if FLAGS.out:
         write_json(FLAGS.out, results)
 

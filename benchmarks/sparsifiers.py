@@ -39,6 +39,7 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from _configs import CIFAR10_RESNET20, run_configs  # noqa: E402
 from _output import write_json  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
@@ -49,6 +50,8 @@ flags.DEFINE_integer("epochs_per_level", None, "Override every config's epochs."
 flags.DEFINE_list(
     "carry", [], "Also run DPF with these carry options (zero, feedback)."
 )
+flags.DEFINE_string("optimizer", None, "Override every config's optimizer.")
+flags.DEFINE_float("learning_rate", None, "Override every config's learning rate.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_string("out", None, "Where to write the results as JSON.")
 
@@ -67,16 +70,7 @@ CONFIGS = {
         "epochs_per_level": 6,
         "batch_size": 64,
     },
-    "cifar10": {
-        "dataset": "cifar10",
-        "model": "resnet20",
-        "sparsities": (0.9, 0.75, 0.5, 0.0),
-        "epochs_per_level": 30,
-        "batch_size": 128,
-        "optimizer": "sgd",
-        "learning_rate": 0.05,
-        "weight_decay": 5e-4,
-    },
+    "cifar10": CIFAR10_RESNET20,
 }
 COMMON = {"export_tflite": False, "augment": False}
 # The runs of a seed: (label, sparsifier, baselines trained beside it).
@@ -84,19 +78,6 @@ RUNS = (
     ("gradual_magnitude", "gradual_magnitude", ("independent_elsa", "independent")),
     ("dpf", "dpf", ("independent_elsa",)),
 )
-
-
-def _available(fields: dict, data_dir) -> str | None:
-    """None if the config's data can be read, else why not."""
-    from elsa_tf.experiments import datasets
-
-    if fields["dataset"] not in datasets.TFDS_NAMES:
-        return None
-    try:
-        datasets.load(fields["dataset"], data_dir=data_dir)
-    except FileNotFoundError as e:
-        return str(e).splitlines()[0]
-    return None
 
 
 def _reactivations(workdir: str) -> list[int]:
@@ -108,7 +89,9 @@ def _reactivations(workdir: str) -> list[int]:
     return [int(row["reactivations"]) for row in elsa_tf.summary(model)]
 
 
-def run_config(name, seeds, workdir, *, epochs=None, data_dir=None, carry=()):
+def run_config(
+    name, seeds, workdir, *, epochs=None, data_dir=None, carry=(), overrides=None
+):
     """Every run of every seed; returns the per-seed figures."""
     from elsa_tf.experiments import run
     from elsa_tf.experiments.config import Config
@@ -116,6 +99,7 @@ def run_config(name, seeds, workdir, *, epochs=None, data_dir=None, carry=()):
     fields = {**COMMON, **CONFIGS[name], "data_dir": data_dir}
     if epochs is not None:
         fields["epochs_per_level"] = epochs
+    fields.update(overrides or {})
     runs = list(RUNS)
     runs += [(f"dpf_carry_{c}", ("dpf", c), ()) for c in carry]
     out = []
@@ -244,7 +228,9 @@ def format_table(name: str, result: dict) -> str:
     carry_cols = [c for c in s["levels"][0] if c.startswith("elsa_dpf_carry_")]
     lines = [
         f"#### {name}: {f.get('model', 'auto')} (width {f.get('width', 1.0)}), "
-        f"{f['epochs_per_level']} epochs per level, seeds {result['seeds']}",
+        f"{f['epochs_per_level']} epochs per level, optimizer "
+        f"{f.get('optimizer', 'adam')} (learning rate {f.get('learning_rate', 3e-3)}),"
+        f" seeds {result['seeds']}",
         "",
         "| level | sparsity | ELSA gradual | independent gradual | ELSA DPF "
         "| independent DPF | tfmot | ELSA gradual − independent | ELSA DPF − "
@@ -284,29 +270,30 @@ def format_table(name: str, result: dict) -> str:
 def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
-    results = {}
     with tempfile.TemporaryDirectory(prefix="elsa_sparsifiers_") as workdir:
-        for name in FLAGS.configs:
-            if name not in CONFIGS:
-                raise app.UsageError(
-                    f"--configs must be among {sorted(CONFIGS)}. Received: {name!r}"
-                )
-            why = _available(CONFIGS[name], FLAGS.data_dir)
-            if why:
-                print(f"{name}: skipped ({why})")
-                results[name] = {"skipped": why}
-                continue
-            result = run_config(
+        results = run_configs(
+            FLAGS.configs,
+            CONFIGS,
+            FLAGS.data_dir,
+            lambda name: run_config(
                 name,
                 [int(s) for s in FLAGS.seeds],
                 workdir,
                 epochs=FLAGS.epochs_per_level,
                 data_dir=FLAGS.data_dir,
                 carry=FLAGS.carry,
-            )
-            result["summary"] = summarize(result)
-            results[name] = result
-            print(format_table(name, result), flush=True)
+                overrides={
+                    k: v
+                    for k, v in (
+                        ("optimizer", FLAGS.optimizer),
+                        ("learning_rate", FLAGS.learning_rate),
+                    )
+                    if v is not None
+                },
+            ),
+            summarize,
+            format_table,
+        )
     if FLAGS.out:
         write_json(FLAGS.out, results)
 

@@ -15,12 +15,21 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("shared", ["freeze", "per_level"])
+@pytest.mark.parametrize(
+    "shared, sparsifier",
+    [
+        ("freeze", "gradual_magnitude"),
+        ("per_level", "gradual_magnitude"),
+        ("freeze", "dpf"),
+    ],
+)
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_finished_level_predictions_never_change(optimizer, shared):
+def test_finished_level_predictions_never_change(optimizer, shared, sparsifier):
     x, y = image_data()
-    model = elsa_tf.embed(cnn_with_bn(), [0.8, 0.5, 0.0], shared=shared)
-    snapshots = []
+    model = elsa_tf.embed(
+        cnn_with_bn(), [0.8, 0.5, 0.0], shared=shared, sparsifier=sparsifier
+    )
+    snapshots, weights = [], []
     for level in range(3):
         elsa_tf.fit(
             model,
@@ -34,9 +43,14 @@ def test_finished_level_predictions_never_change(optimizer, shared):
             verbose=0,
         )
         snapshots.append(elsa_tf.extract(model, level).predict(x, verbose=0))
+        weights.append([w.numpy().copy() for w in model.prunable_weights])
     for level, before in enumerate(snapshots):
         after = elsa_tf.extract(model, level).predict(x, verbose=0)
         np.testing.assert_allclose(after, before, atol=1e-6, rtol=0)
+        # The level's weights are bit-identical (DPF trains pruned free ones).
+        for w, m, old in zip(model.prunable_weights, model.level_maps, weights[level]):
+            used = m.numpy() <= level
+            np.testing.assert_array_equal(w.numpy()[used], old[used])
     # Training really happened: the levels differ from each other.
     assert np.abs(snapshots[0] - snapshots[2]).max() > 1e-3
 
