@@ -227,6 +227,10 @@ class LevelScheduler(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._epoch = epoch + 1
         if self._epoch % self.epochs_per_level == 0:
+            level = model_ops.current_level(self.model)
+            # The level's final masks first, so that the statistics are
+            # re-estimated for the weights it keeps.
+            model_ops.prune_to(self.model, model_ops.sparsities(self.model)[level])
             if self.recalibration_data is not None:
                 batch_norm.recalibrate_batch_norm(self.model, self.recalibration_data)
             model_ops.finish_level(self.model)

@@ -214,8 +214,9 @@ class DynamicPruningWithFeedback(Sparsifier):
     weight keeps learning (the error `(1 - m) * w` is fed back) and re-enters
     the mask when its magnitude grows back. The mask is recomputed from the
     magnitudes of all free weights every `update_interval` steps, at the
-    sparsity the level's tfmot schedule gives for that step. Frozen weights
-    never change and always count as kept.
+    sparsity the level's tfmot schedule gives for that step. The level ends
+    with the last mask it trained with, trimmed to the exact target. Frozen
+    weights never change and always count as kept.
 
     Args:
         update_interval: steps between mask updates (16, the common setting
@@ -251,6 +252,22 @@ class DynamicPruningWithFeedback(Sparsifier):
     def candidates(self, level_map, level):
         # Every free weight, pruned ones included: they may come back.
         return level_map >= level
+
+    def select(self, weights, level_maps, level, sparsity, step):
+        if step is not None:
+            return super().select(weights, level_maps, level, sparsity, step)
+        # At the level's end, DPF's output is the mask it last trained with
+        # (m_T * w_T): only trimmed to the exact target, never re-ranked with
+        # the pruned weights, which would swap in weights the level never
+        # computed with (on the digits CNN at 95%: 97% before, 91% after).
+        return selection_lib.keep_sets(
+            [self.score(w) for w in weights],
+            [m == level for m in level_maps],
+            [levels.frozen_mask_np(m, level) for m in level_maps],
+            sparsity,
+            selection=self.selection,
+            block_shape=self.block_shape,
+        )
 
     def forward(self, weight, keep):
         # Straight-through: computes with `keep * w`, passes the gradient to

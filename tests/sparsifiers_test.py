@@ -315,3 +315,26 @@ def test_readme_custom_loop_example_runs_verbatim_in_a_new_process(tmp_path):
     result = run_readme_block("custom-loop", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "90.00%" in result.stdout and "finished" in result.stdout
+
+
+def test_dpf_ends_a_level_with_the_mask_it_last_trained_with():
+    model = elsa_tf.embed(mlp(), [0.5, 0.0], sparsifier="dpf")
+    model_ops.prune_to(model, 0.5, step=0)
+    trained_with = [m.numpy() == 0 for m in model.level_maps]
+    for w, kept in zip(model.prunable_weights, trained_with):
+        values = w.numpy()
+        values[~kept] *= 100.0  # pruned weights grew back, after the last update
+        w.assign(values)
+    model_ops.finish_level(model)
+    for m, kept in zip(model.level_maps, trained_with):
+        np.testing.assert_array_equal(m.numpy() == 0, kept)
+    # A mask update inside the level does bring them back.
+    model = elsa_tf.embed(mlp(), [0.5, 0.0], sparsifier="dpf")
+    model_ops.prune_to(model, 0.5, step=0)
+    before = [m.numpy() == 0 for m in model.level_maps]
+    for w, kept in zip(model.prunable_weights, before):
+        values = w.numpy()
+        values[~kept] *= 100.0
+        w.assign(values)
+    model_ops.prune_to(model, 0.5, step=16)
+    assert model.reactivations.numpy()[0] > 0
