@@ -164,6 +164,23 @@ def update_masks(model, step: int, level_steps: int) -> bool:
     k = o.current_level
     if k >= o.num_levels:
         raise ValueError("Every level is finished; there is nothing left to prune.")
+    if (
+        isinstance(level_steps, bool)
+        or not isinstance(level_steps, (int, np.integer))
+        or level_steps < 1
+    ):
+        raise ValueError(
+            f"level_steps must be a positive int. Received: level_steps={level_steps!r}"
+        )
+    if (
+        isinstance(step, bool)
+        or not isinstance(step, (int, np.integer))
+        or not 0 <= step < level_steps
+    ):
+        raise ValueError(
+            f"step must be an int in [0, level_steps={level_steps}). "
+            f"Received: step={step!r}"
+        )
     key = (k, int(level_steps))
     cache = getattr(o, "_update_steps_cache", None)
     if cache is None or cache[0] != key:

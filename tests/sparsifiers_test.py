@@ -338,3 +338,18 @@ def test_dpf_ends_a_level_with_the_mask_it_last_trained_with():
         w.assign(values)
     model_ops.prune_to(model, 0.5, step=16)
     assert model.reactivations.numpy()[0] > 0
+
+
+@pytest.mark.parametrize(
+    "step, level_steps, match",
+    [
+        (0, 0, "level_steps=0"),
+        (0, 2.5, "level_steps=2.5"),
+        (8, 8, "step=8"),
+        (-1, 8, "step=-1"),
+    ],
+)
+def test_update_masks_names_a_bad_step(step, level_steps, match):
+    model = elsa_tf.embed(mlp(), [0.5, 0.0])
+    with pytest.raises(ValueError, match=match):
+        elsa_tf.update_masks(model, step, level_steps)
