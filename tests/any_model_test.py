@@ -70,15 +70,19 @@ def _mobilenet_v2():
     return model, x, np.arange(16) % 3
 
 
+# Token ids in [0, 50), sequences of 8: the size every text model here is built at.
+TINY_TEXT_BACKBONE = dict(
+    vocabulary_size=50,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=16,
+    intermediate_dim=32,
+    max_sequence_length=8,
+)
+
+
 def _bert_classifier():
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=50,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=8,
-    )
+    backbone = keras_hub.models.BertBackbone(**TINY_TEXT_BACKBONE)
     model = keras_hub.models.BertTextClassifier(
         backbone=backbone, num_classes=3, preprocessor=None
     )
@@ -88,14 +92,7 @@ def _bert_classifier():
 
 
 def _gpt2_causal_lm():
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=50,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=8,
-    )
+    backbone = keras_hub.models.GPT2Backbone(**TINY_TEXT_BACKBONE)
     model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     x = _tokens(16)
     return model, x, np.roll(x["token_ids"], -1, axis=1)
