@@ -1,14 +1,19 @@
-"""Accuracy and storage effect of `embed(..., shared=...)` on 8x8 digits.
+"""Accuracy and storage effect of `embed(..., shared=...)` on digits.
 
-A small CNN with BatchNormalization and biases is embedded with five levels
-and trained once with `shared="freeze"` (shared weights trained with level 0,
-then frozen) and once with `shared="per_level"` (every level trains its own
-copy), from the same initial weights, on the same data, with the same epochs
-and optimizer (Adam). The test accuracy of every level is reported side by
-side, with the difference, beside a dense copy of the same model trained for
-the same total number of epochs. It also reports the size of each embedded
-model's `.keras` file over the plain model's, with and without optimizer
-state, and checks that each level extracts and reloads unchanged.
+A model with BatchNormalization and biases is embedded and trained once with
+each shared-weight mode, from the same initial weights, on the same data,
+with the same epochs and optimizer (Adam): `shared="freeze"` (shared weights
+trained with level 0, then frozen), `"per_level_statistics"` (the default:
+frozen too, but every level keeps its own normalization statistics) and
+`"per_level"` (every level trains its own copy). The test accuracy of every
+level is reported side by side, with the difference from `"freeze"`, beside a
+dense copy of the same model trained for the same total number of epochs.
+`--model=cnn` is the main job's CNN on the 8x8 digits; `--model=mobilenetv2`
+the model zoo's small MobileNetV2 (inverted residual blocks, depthwise
+convolutions, BatchNormalization, ReLU6) on the digits scaled to 32x32x3.
+It also reports the size of each embedded model's `.keras` file over the
+plain model's, with and without optimizer state, and checks that each level
+extracts and reloads unchanged.
 
 scikit-learn's bundled digits (1,797 8x8 images) need no download.
 
@@ -16,6 +21,10 @@ Commands used (from the repository root, 2 CPU cores, no GPU):
 
     python benchmarks/shared_weights.py \
         --out=/tmp/elsa_benchmarks/shared_weights.json
+    python benchmarks/shared_weights.py --model=mobilenetv2 \
+        --sparsities=0.75,0.5,0.25,0 --epochs_per_level=3 \
+        --shared=freeze,per_level_statistics \
+        --out=/tmp/elsa_benchmarks/shared_weights_mobilenetv2.json
 
 A quick smoke run:
 
@@ -34,9 +43,12 @@ import numpy as np  # noqa: E402
 from _output import write_json
 from absl import app, flags  # noqa: E402
 
-SHARED_MODES = ("freeze", "per_level")
+SHARED_MODES = ("freeze", "per_level_statistics", "per_level")
+MODELS = ("cnn", "mobilenetv2")
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "cnn", list(MODELS), "The model to embed.")
+flags.DEFINE_list("shared", list(SHARED_MODES), "The shared modes to compare.")
 flags.DEFINE_list(
     "sparsities", ["0.95", "0.9", "0.75", "0.5", "0.0"], "ELSA level sparsities."
 )
@@ -52,13 +64,16 @@ flags.DEFINE_float("test_fraction", 0.25, "Fraction of the digits held out.")
 flags.DEFINE_string("out", None, "Where to write the results as JSON.")
 
 
-def load_digits(seed: int, test_fraction: float):
-    """8x8x1 digits in [0, 1], split with a fixed, stratified seed."""
+def load_digits(seed: int, test_fraction: float, model: str = "cnn"):
+    """Digits in [0, 1], split with a fixed, stratified seed: 8x8x1 for the
+    CNN, scaled to 32x32 and repeated to 3 channels for MobileNetV2."""
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
     digits = sk_load_digits()
     x = (digits.images / 16.0).astype("float32")[..., None]
+    if model == "mobilenetv2":
+        x = np.kron(x, np.ones((1, 4, 4, 3), "float32"))
     return train_test_split(
         x,
         digits.target,
@@ -68,17 +83,16 @@ def load_digits(seed: int, test_fraction: float):
     )
 
 
-def build_cnn(seed: int):
-    """Conv-BN-ReLU x2, pool, Dense(bias) x2: every kind of shared weight.
-
-    The model zoo's `"cnn"`, seeded.
-    """
+def build_model(seed: int, model: str = "cnn"):
+    """The model zoo's `"cnn"` (Conv-BN-ReLU x2, pool, Dense(bias) x2: every
+    kind of shared weight) or `"mobilenetv2"`, seeded."""
     import keras
 
     from elsa_tf.experiments import zoo
 
     keras.utils.set_random_seed(seed)
-    return zoo.build("cnn", (8, 8, 1), 10)
+    shape = (8, 8, 1) if model == "cnn" else (32, 32, 3)
+    return zoo.build(model, shape, 10)
 
 
 def _copy(model):
@@ -126,14 +140,16 @@ def run_seed(
     learning_rate: float,
     test_fraction: float,
     workdir: str,
+    model_name: str = "cnn",
+    shared_modes=SHARED_MODES,
 ) -> dict:
-    """Trains freeze, per_level and dense from one initialization; measures them."""
+    """Trains each shared mode and dense from one initialization; measures them."""
     import keras
 
     import elsa_tf
 
-    x_train, x_test, y_train, y_test = load_digits(seed, test_fraction)
-    base = build_cnn(seed)
+    x_train, x_test, y_train, y_test = load_digits(seed, test_fraction, model_name)
+    base = build_model(seed, model_name)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     fit_kwargs = dict(batch_size=batch_size, verbose=0)
     result = {"seed": seed, "train_size": len(x_train), "test_size": len(x_test)}
@@ -149,7 +165,7 @@ def run_seed(
         "no_optimizer": dense_bare,
     }
 
-    for shared in SHARED_MODES:
+    for shared in shared_modes:
         keras.utils.set_random_seed(seed)
         model = elsa_tf.embed(base, sparsities=list(sparsities), shared=shared)
         elsa_tf.fit(
@@ -196,8 +212,10 @@ def run(
     batch_size: int = 32,
     learning_rate: float = 2e-3,
     test_fraction: float = 0.25,
+    model: str = "cnn",
+    shared_modes=SHARED_MODES,
 ) -> dict:
-    """Compares `shared="freeze"` with `shared="per_level"` on 8x8 digits.
+    """Compares the `shared` modes on digits.
 
     Args:
         seeds: one full comparison per seed (initial weights, split, data order).
@@ -207,6 +225,9 @@ def run(
         batch_size: training batch size.
         learning_rate: Adam learning rate.
         test_fraction: fraction of the digits held out for testing.
+        model: `"cnn"` or `"mobilenetv2"`.
+        shared_modes: the modes to train, `"freeze"` first (the others are
+            compared with it).
 
     Returns:
         A JSON-serializable dict: the configuration, every seed's results, and
@@ -219,7 +240,16 @@ def run(
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "test_fraction": test_fraction,
+        "model": model,
+        "shared_modes": list(shared_modes),
     }
+    if list(shared_modes)[:1] != ["freeze"] or not set(shared_modes) <= set(
+        SHARED_MODES
+    ):
+        raise ValueError(
+            f"shared_modes must start with 'freeze' and name modes of "
+            f"{SHARED_MODES}. Received: shared_modes={shared_modes!r}"
+        )
     with tempfile.TemporaryDirectory() as workdir:
         per_seed = [
             run_seed(
@@ -230,6 +260,8 @@ def run(
                 learning_rate=learning_rate,
                 test_fraction=test_fraction,
                 workdir=workdir,
+                model_name=model,
+                shared_modes=shared_modes,
             )
             for seed in seeds
         ]
@@ -237,64 +269,67 @@ def run(
         "dense_accuracy_mean": float(np.mean([r["dense_accuracy"] for r in per_seed])),
         "dense_accuracy_std": float(np.std([r["dense_accuracy"] for r in per_seed])),
     }
-    for shared in SHARED_MODES:
+    for shared in shared_modes:
         acc = np.array([r[shared]["accuracy"] for r in per_seed])
         summary[shared] = {
             "accuracy_mean": acc.mean(0).tolist(),
             "accuracy_std": acc.std(0).tolist(),
         }
-    diff = np.array(
-        [
-            np.subtract(r["per_level"]["accuracy"], r["freeze"]["accuracy"])
-            for r in per_seed
-        ]
-    )
-    summary["per_level_minus_freeze_mean"] = diff.mean(0).tolist()
-    summary["per_level_minus_freeze_min"] = diff.min(0).tolist()
-    summary["per_level_minus_freeze_max"] = diff.max(0).tolist()
+        if shared != "freeze":
+            diff = acc - np.array([r["freeze"]["accuracy"] for r in per_seed])
+            summary[shared]["minus_freeze_mean"] = diff.mean(0).tolist()
+            summary[shared]["minus_freeze_min"] = diff.min(0).tolist()
+            summary[shared]["minus_freeze_max"] = diff.max(0).tolist()
     return {"config": config, "seeds": per_seed, "summary": summary}
 
 
 def format_tables(results) -> str:
     """The results as markdown tables."""
     cfg, summary, per_seed = results["config"], results["summary"], results["seeds"]
+    modes = cfg.get("shared_modes", ["freeze", "per_level"])
+    others = modes[1:]
     n = len(per_seed)
     lines = [
-        f"8x8 digits, {per_seed[0]['train_size']} train / {per_seed[0]['test_size']} "
-        f"test, {cfg['epochs_per_level']} epochs/level, Adam({cfg['learning_rate']}), "
-        f"batch {cfg['batch_size']}, seeds {cfg['seeds']}. Test accuracy, mean "
-        f"(± std) over {n} seed(s); the dense model trains "
-        f"{cfg['epochs_per_level'] * len(cfg['sparsities'])} epochs.",
+        f"{cfg.get('model', 'cnn')} on digits, {per_seed[0]['train_size']} train / "
+        f"{per_seed[0]['test_size']} test, {cfg['epochs_per_level']} epochs/level, "
+        f"Adam({cfg['learning_rate']}), batch {cfg['batch_size']}, seeds "
+        f"{cfg['seeds']}. Test accuracy, mean (± std) over {n} seed(s); the "
+        f"dense model trains {cfg['epochs_per_level'] * len(cfg['sparsities'])} "
+        "epochs.",
         "",
-        "| level | sparsity | freeze | per_level | per_level − freeze (mean, min..max) "
-        "| dense baseline |",
-        "|---|---|---|---|---|---|",
+        "| level | sparsity | "
+        + " | ".join(modes)
+        + " | "
+        + "".join(f"{m} − freeze (mean, min..max) | " for m in others)
+        + "dense baseline |",
+        "|---|---|" + "---|" * (len(modes) + len(others) + 1),
     ]
     dense = (
         f"{summary['dense_accuracy_mean']:.4f} ± {summary['dense_accuracy_std']:.4f}"
     )
     for k, sparsity in enumerate(cfg["sparsities"]):
-        f, p = summary["freeze"], summary["per_level"]
-        lines.append(
-            f"| {k} | {sparsity:.2f} | {f['accuracy_mean'][k]:.4f} ± "
-            f"{f['accuracy_std'][k]:.4f} | {p['accuracy_mean'][k]:.4f} ± "
-            f"{p['accuracy_std'][k]:.4f} | "
-            f"{summary['per_level_minus_freeze_mean'][k]:+.4f}"
-            f" ({summary['per_level_minus_freeze_min'][k]:+.4f}.."
-            f"{summary['per_level_minus_freeze_max'][k]:+.4f}) | {dense} |"
-        )
+        cells = [
+            f"{summary[m]['accuracy_mean'][k]:.4f} ± "
+            f"{summary[m]['accuracy_std'][k]:.4f}"
+            for m in modes
+        ] + [
+            f"{summary[m]['minus_freeze_mean'][k]:+.4f} "
+            f"({summary[m]['minus_freeze_min'][k]:+.4f}.."
+            f"{summary[m]['minus_freeze_max'][k]:+.4f})"
+            for m in others
+        ]
+        lines.append(f"| {k} | {sparsity:.2f} | {' | '.join(cells)} | {dense} |")
     lines += [
         "",
         "Per seed (test accuracy by level):",
         "",
-        "| seed | freeze | per_level | dense |",
-        "|---|---|---|---|",
+        "| seed | " + " | ".join(modes) + " | dense |",
+        "|---|" + "---|" * (len(modes) + 1),
     ]
     for r in per_seed:
+        accs = [", ".join(f"{a:.4f}" for a in r[m]["accuracy"]) for m in modes]
         lines.append(
-            f"| {r['seed']} | {', '.join(f'{a:.4f}' for a in r['freeze']['accuracy'])} "
-            f"| {', '.join(f'{a:.4f}' for a in r['per_level']['accuracy'])} "
-            f"| {r['dense_accuracy']:.4f} |"
+            f"| {r['seed']} | {' | '.join(accs)} | {r['dense_accuracy']:.4f} |"
         )
     r = per_seed[0]
     lines += [
@@ -307,7 +342,7 @@ def format_tables(results) -> str:
         f"| plain dense | {r['dense_file_bytes']['with_optimizer']:,} | 1.000 | "
         f"{r['dense_file_bytes']['no_optimizer']:,} | 1.000 |",
     ]
-    for shared in SHARED_MODES:
+    for shared in modes:
         s = r[shared]
         lines.append(
             f"| embedded, shared={shared} | {s['file_bytes']['with_optimizer']:,} | "
@@ -316,7 +351,7 @@ def format_tables(results) -> str:
             f"{s['file_ratio']['no_optimizer']:.3f} |"
         )
     lines += ["", "Checks (largest over seeds and levels):", ""]
-    for shared in SHARED_MODES:
+    for shared in modes:
         extract = max(x[shared]["extract_max_abs_logit_gap"] for x in per_seed)
         reload = max(x[shared]["reload_max_abs_logit_gap"] for x in per_seed)
         lines.append(
@@ -336,6 +371,8 @@ def main(argv):
         batch_size=FLAGS.batch_size,
         learning_rate=FLAGS.learning_rate,
         test_fraction=FLAGS.test_fraction,
+        model=FLAGS.model,
+        shared_modes=FLAGS.shared,
     )
     print(format_tables(results))
     if FLAGS.out:

@@ -52,6 +52,12 @@ flags.DEFINE_list(
 )
 flags.DEFINE_string("optimizer", None, "Override every config's optimizer.")
 flags.DEFINE_float("learning_rate", None, "Override every config's learning rate.")
+flags.DEFINE_enum(
+    "selection",
+    None,
+    ["global", "per_layer", "lamp"],
+    "Override the selection of ELSA and of its independent models.",
+)
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_string("out", None, "Where to write the results as JSON.")
 
@@ -287,6 +293,7 @@ def main(argv):
                     for k, v in (
                         ("optimizer", FLAGS.optimizer),
                         ("learning_rate", FLAGS.learning_rate),
+                        ("selection", FLAGS.selection),
                     )
                     if v is not None
                 },

@@ -50,7 +50,10 @@ def recalibrate_batch_norm(model, data, *, batch_size: int = 256) -> int:
     each batch's statistics, computed in training mode (each layer sees
     inputs normalized by the layers before it, as in training). Layers that
     run in inference mode keep theirs: frozen layers, which include an
-    embedded model's normalization frozen with its finished levels.
+    embedded model's normalization under `shared="freeze"` (the default) once
+    level 0 is finished. Under `shared="per_level_statistics"`, an embedded
+    model's statistics being re-estimated are those of the level it computes
+    with; finished levels keep their own.
 
     Args:
         model: a Keras 3 or tf_keras model, embedded or not.

@@ -2,7 +2,8 @@
 
 The rule of every variable is the owning `ElsaModel`'s (`variable_rule`):
 a prunable weight's updates are projected onto the level being trained, a
-shared weight is frozen whole once `shared="freeze"` has finished level 0.
+shared weight is frozen whole once level 0 is finished (unless
+`shared="per_level"`).
 This module only finds the owner of a variable, since an optimizer is handed
 variables, not models: `ElsaModel` registers each variable it owns here.
 `FreezingOptimizer` asks `training_constraint` for each variable it is
@@ -59,8 +60,8 @@ def training_constraint(variable):
 
     Returns:
         `FREE` to update it freely (a shared weight still training),
-        `FROZEN` to leave it untouched (a shared weight after level 0 under
-        `shared="freeze"`), or a `Projection` for a prunable weight. The
+        `FROZEN` to leave it untouched (a shared weight after level 0, except
+        under `shared="per_level"`), or a `Projection` for a prunable weight. The
         answer is fixed when a train step is traced; `LevelScheduler` and
         `elsa_tf.fit` retrace after every level.
 

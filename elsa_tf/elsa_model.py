@@ -33,6 +33,15 @@ statistics, excluded kernels) are kept as the `shared` option says:
   layer when fine-tuning.
 * `"per_level"`: every level trains its own copy, starting from the previous
   level's. Finished levels' copies are kept in a bank of `K - 1` entries.
+* `"per_level_statistics"`: as `"freeze"` for trained weights, but the
+  statistics a model updates itself (every non-trainable floating-point
+  shared variable: BatchNormalization's moving mean and variance) are kept
+  per level, as `"per_level"` keeps them. Normalization runs in training mode
+  at every level, so each level's network is normalized by its own batch
+  statistics, and at inference by its own moving ones. Under `"freeze"`, a
+  channel that level 0 left dead has a moving variance near zero, which
+  multiplies that channel by about `1/sqrt(epsilon)` once later levels give
+  it weights.
 """
 
 from __future__ import annotations
@@ -44,13 +53,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from elsa_tf import _keras_compat, constraints, levels, schedules
+from elsa_tf import _keras_compat, channel_levels, constraints, levels, schedules
+from elsa_tf import channels as channels_lib
 from elsa_tf import prunable as prunable_lib
 from elsa_tf import selection as selection_lib
 from elsa_tf import sparsifiers as sparsifiers_lib
 
-SHARED_MODES = ("freeze", "per_level")
+SHARED_MODES = ("freeze", "per_level", "per_level_statistics")
 SELECTIONS = selection_lib.SELECTIONS
+GRANULARITIES = selection_lib.GRANULARITIES
 
 UNSCHEDULED_TRAINING = (
     "An embedded model is being trained without elsa_tf.LevelScheduler: "
@@ -97,6 +108,32 @@ def _serialize_uncompiled(model) -> dict:
 _BASE_LOSS = sparsifiers_lib.Sparsifier.loss
 
 
+def _banked(shared: str, weight) -> bool:
+    """Whether a shared weight keeps a copy per level under `shared`."""
+    if shared == "per_level":
+        return True
+    # Statistics the model updates itself, not the optimizer.
+    return (
+        shared == "per_level_statistics"
+        and not weight.trainable
+        and keras.backend.is_float_dtype(weight.dtype)
+    )
+
+
+def _initializer(layer, variable):
+    """The initializer `layer` made `variable` with, or None if not found.
+
+    By the layer's `<name>_initializer` attribute, as the Keras layers that
+    channel groups follow name them (a depthwise kernel's is
+    `depthwise_initializer`).
+    """
+    for attribute in (f"{variable.name}_initializer", "depthwise_initializer"):
+        initializer = getattr(layer, attribute, None)
+        if callable(initializer):
+            return initializer
+    return None
+
+
 @keras.saving.register_keras_serializable(package="elsa_tf")
 class ElsaModel(keras.Model):
     """Nested sparse levels of one model's weights, and their training plan.
@@ -111,13 +148,15 @@ class ElsaModel(keras.Model):
             the indices, in `elsa_tf.prunable.prunable_owners(inner_model)`
             order, of the layers whose weights to prune. Indices, not names:
             Keras renames unnamed sublayers in every copy and every load.
-        shared: how shared weights are kept, `"freeze"` or `"per_level"`.
+        shared: how shared weights are kept: `"freeze"`, `"per_level"` or
+            `"per_level_statistics"` (see the module's docstring).
         schedule: the `LevelSchedule` (or its identifier) used inside a level.
         sparsifier: the `Sparsifier` (or its name) that picks the kept
             weights; None for `"gradual_magnitude"`.
-        selection, block_shape: options for a sparsifier given by name (or
-            None): `"per_layer"` or `"global"` selection, and None or the
-            block shape of rank-2 weights (see `elsa_tf.embed`). Files saved
+        selection, block_shape, granularity: options for a sparsifier given
+            by name (or None): `"lamp"`, `"global"` or `"per_layer"` selection, None or
+            the block shape of rank-2 weights, and `"weight"` or `"channel"`
+            (see `elsa_tf.embed`). Files saved
             by elsa_tf 0.2.0 hold these instead of a sparsifier.
         **kwargs: base `Model` arguments such as `name`.
     """
@@ -132,6 +171,7 @@ class ElsaModel(keras.Model):
         sparsifier=None,
         selection: str | None = None,
         block_shape: tuple[int, int] | None = None,
+        granularity: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -162,7 +202,15 @@ class ElsaModel(keras.Model):
         options = {"selection": selection} if selection is not None else {}
         if block_shape is not None:
             options["block_shape"] = block_shape
+        if granularity is not None:
+            options["granularity"] = granularity
         self.sparsifier = sparsifiers_lib.get(sparsifier, **options)
+        if self.granularity == "channel" and self.prune is not None:
+            raise ValueError(
+                "prune does not apply to granularity='channel', whose prunable "
+                "weights are the members of the model's unpinned channel groups. "
+                f"Received: prune={self.prune!r}"
+            )
         self.inner_model = inner_model
         self._inner_takes_training = (
             "training" in inspect.signature(inner_model.call).parameters
@@ -177,7 +225,7 @@ class ElsaModel(keras.Model):
 
     @property
     def selection(self) -> str:
-        """The sparsifier's selection, `"per_layer"` or `"global"`."""
+        """The sparsifier's selection: `"lamp"`, `"global"` or `"per_layer"`."""
         return self.sparsifier.selection
 
     @property
@@ -185,12 +233,23 @@ class ElsaModel(keras.Model):
         """The sparsifier's block shape, or None for single weights."""
         return self.sparsifier.block_shape
 
+    @property
+    def granularity(self) -> str:
+        """The sparsifier's granularity, `"weight"` or `"channel"`."""
+        return self.sparsifier.granularity
+
     # -- state ---------------------------------------------------------------
 
     def _create_state(self):
         if self._state_created:
             return
-        owners = prunable_lib.prunable_owners(self.inner_model)
+        # The unpinned channel groups' layout over the prunable weights, at
+        # channel granularity; None at weight granularity.
+        _set_untracked(self, "channel_layout", None)
+        if self.granularity == "channel":
+            owners = self._channel_owners()
+        else:
+            owners = prunable_lib.prunable_owners(self.inner_model)
         if self.prune is not None:
             unknown = [i for i in self.prune if not 0 <= i < len(owners)]
             if unknown:
@@ -233,8 +292,11 @@ class ElsaModel(keras.Model):
         for w in self.shared_weights:
             constraints.register(w, self, None)
         self.banks = []
-        if self.shared == "per_level" and self.num_levels > 1:
-            for i, w in enumerate(self.shared_weights):
+        # Per shared weight, its position in `banks`, or None (one copy).
+        _set_untracked(self, "_bank_of", [None] * len(self.shared_weights))
+        for i, w in enumerate(self.shared_weights):
+            if self.num_levels > 1 and _banked(self.shared, w):
+                self._bank_of[i] = len(self.banks)
                 self.banks.append(
                     self.add_weight(
                         shape=(self.num_levels - 1, *w.shape),
@@ -253,11 +315,52 @@ class ElsaModel(keras.Model):
             trainable=False,
             name="reactivations",
         )
+        if self.granularity == "channel":
+            _set_untracked(
+                self,
+                "channel_layout",
+                channel_levels.layout(
+                    self.channel_groups, [w.path for w in self.prunable_weights]
+                ),
+            )
+            channel_levels.check_targets(
+                self.channel_layout, self.sparsities, self.selection
+            )
         self.shared_frozen = False
         self.traced_level = 0
         self.train_raw = False  # set by LevelScheduler while it trains
         self._state_created = True
         self.built = True
+
+    def _channel_owners(self) -> list[tuple[str, list, list]]:
+        """Owners of the prunable weights at channel granularity.
+
+        As `prunable.prunable_owners` lists them: (layer path, chain, weights).
+        The prunable weights are the trainable variables that are members of
+        unpinned channel groups; BatchNormalization's moving statistics stay
+        shared weights.
+        """
+        try:
+            groups = channels_lib.channel_groups(self.inner_model)
+        except ValueError as e:
+            raise ValueError(
+                f"granularity='channel' cannot be used on model "
+                f"{self.inner_model.name!r}: {e}"
+            ) from e
+        _set_untracked(self, "channel_groups", groups)
+        members = {m.path for g in groups if g.pinned is None for m in g.members}
+        owners, initializers = {}, {}
+        for layer in _keras_compat.walk(self.inner_model):
+            for w in layer.weights:
+                if (
+                    w.trainable
+                    and w.path in members
+                    and not _keras_compat.sublayers(layer)
+                ):
+                    owners.setdefault(layer.name, (layer, []))[1].append(w)
+                    initializers[id(w)] = _initializer(layer, w)
+        _set_untracked(self, "_initializers", initializers)
+        return [(layer.name, [layer], weights) for layer, weights in owners.values()]
 
     def build(self, *args, **kwargs):
         # The inner model is built before embedding (or when it is loaded).
@@ -295,7 +398,7 @@ class ElsaModel(keras.Model):
         does).
         """
         self.traced_level = self.current_level
-        self.shared_frozen = self.shared == "freeze" and self.traced_level >= 1
+        self.shared_frozen = self.shared != "per_level" and self.traced_level >= 1
 
     def trace_key(self) -> tuple:
         """What a traced training step depends on; it changes with the level."""
@@ -310,7 +413,7 @@ class ElsaModel(keras.Model):
 
         Returns:
             `constraints.FREE`, `constraints.FROZEN` (a shared weight after
-            level 0 under `shared="freeze"`), or a `constraints.Projection`
+            level 0, unless `shared="per_level"`), or a `constraints.Projection`
             for a prunable weight. Fixed when a step is traced: retrace after
             a level change (`LevelScheduler`, `elsa_tf.fit` and
             `elsa_tf.function` do).
@@ -326,8 +429,8 @@ class ElsaModel(keras.Model):
     # -- forward -------------------------------------------------------------
 
     def _shared_value(self, index, view):
-        """Graph value of shared weight `index` at level `view` (per_level)."""
-        bank = self.banks[index]
+        """Graph value of banked shared weight `index` at level `view`."""
+        bank = self.banks[self._bank_of[index]]
         working = self.shared_weights[index].value
         current = self.level_state.value[0]
         use_working = view >= tf.minimum(current, self.num_levels - 1)
@@ -362,7 +465,9 @@ class ElsaModel(keras.Model):
                 values = [sparsifier.forward(v, k) for v, k in zip(values, keeps)]
                 mapping = list(zip(self.prunable_weights, values))
             sparsifier_loss = sparsifier.loss(values, keeps)
-        for i, w in enumerate(self.shared_weights if self.banks and at_view else []):
+        for i, w in enumerate(self.shared_weights if at_view else []):
+            if self._bank_of[i] is None:
+                continue
             use_working, value = self._shared_value(i, view)
             mapping.append((w, value))
             bank_values[id(w)] = (use_working, value)
@@ -372,7 +477,11 @@ class ElsaModel(keras.Model):
         # trainable variables, and so its optimizer's, stay the same.
         made_frozen = [
             (layer, [v.trainable for v in layer.weights])
-            for layer in (self._shared_only if self.shared_frozen else [])
+            for layer in (
+                self._shared_only
+                if self.shared_frozen and self.shared == "freeze"
+                else []
+            )
             if layer.trainable
         ]
         for layer, _ in made_frozen:
@@ -397,7 +506,11 @@ class ElsaModel(keras.Model):
         # Carry out the state updates the model made (normalization
         # statistics, seed generators), except into frozen weights.
         prunable_ids = {id(w) for w in self.prunable_weights}
-        shared_ids = {id(w) for w in self.shared_weights}
+        frozen_ids = {
+            id(w)
+            for w, bank in zip(self.shared_weights, self._bank_of)
+            if self.shared_frozen and bank is None
+        }
         for v in self.inner_model.variables:
             if id(v) in prunable_ids:
                 continue
@@ -408,7 +521,7 @@ class ElsaModel(keras.Model):
                 use_working, mapped = bank_values[id(v)]
                 if new is not mapped:
                     v.assign(tf.where(use_working, new, v.value))
-            elif not (self.shared_frozen and id(v) in shared_ids):
+            elif id(v) not in frozen_ids:
                 v.assign(new)
         return outputs
 
@@ -424,7 +537,7 @@ class ElsaModel(keras.Model):
         for w, m in zip(self.prunable_weights, self.level_maps):
             values[id(w)] = levels.masked_weight(w.value, m.value, level).numpy()
         for i, w in enumerate(self.shared_weights):
-            if self.banks:
+            if self._bank_of[i] is not None:
                 values[id(w)] = self._shared_value(i, tf.constant(level, tf.int32))[
                     1
                 ].numpy()
@@ -441,9 +554,9 @@ class ElsaModel(keras.Model):
             raise ValueError(
                 f"All {self.num_levels} levels of {self.name!r} are finished."
             )
-        for i, w in enumerate(self.shared_weights if self.banks else []):
-            if k < self.num_levels - 1:
-                bank = self.banks[i]
+        for i, w in enumerate(self.shared_weights):
+            if self._bank_of[i] is not None and k < self.num_levels - 1:
+                bank = self.banks[self._bank_of[i]]
                 bank.assign(tf.tensor_scatter_nd_update(bank.value, [[k]], [w.value]))
         for w, m in zip(self.prunable_weights, self.level_maps):
             # What the sparsifier says the next level's free weights start
@@ -453,8 +566,37 @@ class ElsaModel(keras.Model):
             w.assign(self.sparsifier.end_of_level_values(w.numpy(), kept))
             if k + 1 < self.num_levels:
                 m.assign(levels.open_map(m.numpy(), k + 1))
+        if self.channel_layout is not None and k + 1 < self.num_levels:
+            self._start_new_channels(k + 1)
         self.level_state.assign([k + 1, min(k + 1, self.num_levels - 1)])
         self.sync_level_state()
+
+    def _start_new_channels(self, level: int) -> None:
+        """Gives the channels `level` opens fresh weights where they are zero.
+
+        A channel whose filter, bias and normalization are all zero is a
+        saddle: its output is constant, BatchNormalization maps it to zero,
+        and no gradient reaches its filter, so it would never train. Its
+        "out" slices start from its layer's initializers instead (where the
+        sparsifier left them at zero). Its "in" slices, where other layers
+        read it, stay zero, so level `level` still starts out computing
+        exactly what the level before it computes.
+        """
+        maps = [m.numpy() for m in self.level_maps]
+        codes = channel_levels.channel_codes(maps, self.channel_layout)
+        fresh = channel_levels.out_slices(
+            [c == level for c in codes],
+            self.channel_layout,
+            [m.shape for m in maps],
+        )
+        for w, mask in zip(self.prunable_weights, fresh):
+            value = w.numpy()
+            mask &= value == 0
+            initializer = self._initializers.get(id(w))
+            if not mask.any() or initializer is None:
+                continue
+            start = keras.ops.convert_to_numpy(initializer(w.shape, w.dtype))
+            w.assign(np.where(mask, start.astype(value.dtype), value))
 
     # -- serialization -----------------------------------------------------------
 

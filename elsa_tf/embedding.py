@@ -6,8 +6,16 @@ from collections.abc import Callable, Iterable
 
 import keras
 
-from elsa_tf import _keras_compat, elsa_model, model_ops, schedules, sparsifiers
+from elsa_tf import (
+    _keras_compat,
+    channels,
+    elsa_model,
+    model_ops,
+    schedules,
+    sparsifiers,
+)
 from elsa_tf import levels as levels_lib
+from elsa_tf import physical as physical_lib
 from elsa_tf import prunable as prunable_lib
 
 
@@ -144,6 +152,7 @@ def embed(
     schedule=None,
     shared: str = "freeze",
     block_shape: tuple[int, int] | None = None,
+    granularity: str | None = None,
 ) -> keras.Model:
     """Embeds nested sparse levels into a copy of `model`.
 
@@ -168,16 +177,26 @@ def embed(
             its name, `"gradual_magnitude"` (None, the default: gradual
             magnitude pruning, as tfmot's) or `"dpf"` (Dynamic Pruning with
             Feedback). See `elsa_tf.sparsifiers`.
-        selection: for a sparsifier given by name: `"global"` (one ranking
-            across all prunable weights, the default) or `"per_layer"` (each
-            layer reaches the level's sparsity, as tfmot's wrappers do). A
-            sparsifier object carries its own.
+        selection: for a sparsifier given by name: `"lamp"` (the default:
+            one ranking across all prunable weights of layer-adaptive
+            scores, Lee et al. 2021, which never empties a layer: a
+            depthwise or final layer that plain global ranking would prune
+            whole keeps its best weights), `"global"` (one ranking of the
+            magnitudes themselves) or `"per_layer"` (each layer reaches the
+            level's sparsity, as tfmot's wrappers do). A sparsifier object
+            carries its own.
         schedule: the pruning schedule inside each level: a `LevelSchedule`,
             `"polynomial_decay"` (the default), `"constant"`, or tfmot's
             `PolynomialDecay` / `ConstantSparsity` class.
-        shared: how non-prunable weights are kept: `"freeze"` (trained with
-            level 0, then frozen: one copy, no storage cost) or `"per_level"`
-            (each level trains its own copy).
+        shared: how non-prunable weights are kept. `"freeze"` (the default):
+            trained with level 0, then frozen (one copy, no storage cost).
+            `"per_level_statistics"`: the same, except the statistics the
+            model updates itself (BatchNormalization's moving mean and
+            variance), which each level keeps its own of, with normalization
+            in training mode at every level: more accurate where level 0
+            leaves channels dead (their frozen variance is near zero), at
+            some export cost (see the README). `"per_level"`: each level
+            trains its own copy of every one.
         block_shape: for a sparsifier given by name (an object carries its
             own): None (the default) selects weights one by one; a pair
             of positive ints `(rows, cols)` keeps or drops every rank-2
@@ -193,14 +212,32 @@ def embed(
             sparsity is off by at most half a block per layer (per model for
             `selection="global"`).
 
+        granularity: for a sparsifier given by name (an object carries its
+            own): `"weight"` (None, the default: single weights, or blocks
+            with `block_shape`) or `"channel"`: each level keeps a nested
+            subset of the channels of every channel group the model's graph
+            couples (a convolution's filters with its bias, its
+            BatchNormalization, the depthwise convolution after it and the
+            next layer's input slice; residual partners together; see
+            `elsa_tf.channels`), so that a level is a narrower dense network
+            (`extract(..., physical=True)`). A level's sparsity is then the
+            share of channels it removes from the groups that can be
+            narrowed (model inputs and outputs keep their width), per group
+            with `selection="per_layer"`, across groups with `"global"`; every
+            group keeps at least one channel. Needs a Functional or
+            Sequential model; `prune` and `block_shape` do not apply.
+
     Returns:
         The embedded model, uncompiled, at level 0.
 
     Raises:
         TypeError: for an option of the wrong type.
         ValueError: for bad sparsities, an unknown layer filter, a bad
-            `block_shape`, a model with no prunable layer, an unbuilt model, a
-            model Keras cannot copy, or a model already embedded.
+            `block_shape` or `granularity`, a model with no prunable layer, an
+            unbuilt model, a model Keras cannot copy, or a model already
+            embedded; at channel granularity, a subclassed model, a model
+            where no layer can be narrowed, `prune` or `block_shape`, or a
+            level that would remove every channel of a group.
 
     Example:
 
@@ -218,7 +255,16 @@ def embed(
         options["selection"] = selection
     if block_shape is not None:
         options["block_shape"] = levels_lib.validate_block_shape(block_shape)
+    if granularity is not None:
+        elsa_model.check_option("granularity", granularity, elsa_model.GRANULARITIES)
+        options["granularity"] = granularity
     sparsifier = sparsifiers.get(sparsifier, **options)
+    if sparsifier.granularity == "channel" and prune is not None:
+        raise ValueError(
+            "prune does not apply to granularity='channel': the prunable weights "
+            "are the members of the model's unpinned channel groups. "
+            f"Received: prune={prune!r}"
+        )
     schedule = schedules.get(schedule)
     should_prune = _prune_predicate(model, prune)
     # A weight is pruned when the layer that holds it, or any layer around
@@ -261,12 +307,17 @@ def embed(
     )
 
 
-def extract(model: keras.Model, level: int) -> keras.Model:
+def extract(model: keras.Model, level: int, physical: bool = False) -> keras.Model:
     """A plain Keras model with the weights of one level.
 
     Args:
         model: an embedded model.
         level: the level to extract, in [0, number of levels).
+        physical: for a model embedded with `granularity="channel"`: remove
+            the channels `level` does not use instead of zeroing them. The
+            result has the same architecture with fewer filters and units
+            (`elsa_tf.physical.narrow`), and computes what the zeroed level
+            computes, within float rounding.
 
     Returns:
         An uncompiled copy of the embedded model's inner model, of its class
@@ -275,11 +326,29 @@ def extract(model: keras.Model, level: int) -> keras.Model:
         It predicts exactly what the embedded model predicts at that level.
 
     Raises:
-        ValueError: if the model is not embedded or `level` is out of range.
+        ValueError: if the model is not embedded, `level` is out of range, or
+            `physical=True` on a model not embedded at channel granularity.
     """
     model_ops.check_level(model, level)
     owner = model_ops.owner(model)
-    return copy_model(owner.inner_model, owner.effective_weights(level))
+    if physical and owner.granularity != "channel":
+        raise ValueError(
+            "extract(physical=True) removes whole channels, so it needs a model "
+            "embedded with granularity='channel'; model "
+            f"{owner.name!r} has granularity={owner.granularity!r}. Received: "
+            f"physical={physical!r}"
+        )
+    masked = copy_model(owner.inner_model, owner.effective_weights(level))
+    if not physical:
+        return masked
+    keep = model_ops.channel_keep(owner, level)
+    groups = channels.channel_groups(masked)
+    if [g.size for g in groups] != [g.size for g in owner.channel_groups]:
+        raise RuntimeError(
+            f"The copy of model {owner.inner_model.name!r} has other channel "
+            "groups than the model itself."
+        )
+    return physical_lib.narrow(masked, groups, keep)
 
 
 def set_level(model: keras.Model, level: int) -> None:

@@ -4,15 +4,19 @@
 traced with Keras's `model.export` (a SavedModel, which any model with named
 or several inputs and outputs has) and converted with
 `tf.lite.TFLiteConverter.from_saved_model`. Every other level's file is that
-file with the weights the level does not use zeroed in place
-(`elsa_tf.export_patch`), checked against the Keras model at that level on a
-few inputs; a level that cannot be made so (quantization with per-level
-scales, per-level shared weights, a weight not found in the file, or a check
-that fails) is traced and converted on its own, as is every level's sparse
-storage form when `sparse_encoding=True` (`choose_storage` then picks the
-form). It writes one `.tflite` a level, one bundle (the densest level plus
-the level map, see `elsa_tf.lite.bundle`) and `manifest.json`. Everything is
-written to a temporary directory beside `out_dir` and moved into place at the
+file with the weights the level does not use zeroed in place and, where
+levels have their own shared weights (`shared="per_level"` or
+`"per_level_statistics"`), the buffers holding those rewritten with the
+level's values, BatchNormalizations folded in as the converter folds them
+(`elsa_tf.export_patch`); each is checked against the Keras model at that
+level on a few inputs. A level that cannot be made so (quantization with
+per-level scales, a per-level weight the patcher cannot place exactly, a
+weight not found in the file, or a check that fails) is traced and converted
+on its own, as is every level's sparse storage form when
+`sparse_encoding=True` (`choose_storage` then picks the form). It writes one
+`.tflite` a level, one bundle (the densest level plus the level map, see
+`elsa_tf.lite.bundle`) and `manifest.json`. Everything is written to a
+temporary directory beside `out_dir` and moved into place at the
 end, so a failed export leaves nothing.
 """
 
@@ -34,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 import elsa_tf
-from elsa_tf import embedding, export_patch, model_ops, reporting
+from elsa_tf import _keras_compat, embedding, export_patch, model_ops, reporting
 from elsa_tf.lite import bundle as bundle_lib
 from elsa_tf.lite import runtime
 from elsa_tf.lite.runner import MANIFEST
@@ -345,9 +349,15 @@ PATCH_FALLBACKS = {
     "quantization": "dynamic and int8 files quantize each level with scales "
     "of its own weights",
     "per_level_weights": "a weight differs between levels other than by "
-    "zeroed elements (the copies of shared weights of shared='per_level')",
-    "unmapped": "a weight that differs between levels was not found in the "
-    "densest level's buffers",
+    "zeroed elements (shared='per_level' or 'per_level_statistics') and "
+    "cannot be rewritten exactly: it is in no buffer as it is, nor as a "
+    "BatchNormalization folded into the layer before it (its kernel times "
+    "the scale per output channel, its bias (b - mean) * scale + beta); or "
+    "which buffer holds it is ambiguous: a constant value (an untrained "
+    "normalization's scale, zero biases), two normalizations with the same "
+    "scale, a normalization folded into the layer after it",
+    "unmapped": "a weight that only some levels zero was not found in the "
+    "densest level's buffers, or a buffer two weights claim disagrees",
     "not_verified": "the Keras model could not be run on the probe inputs to "
     "check the patched file",
     "outputs_differ": "the patched file's outputs differ from the Keras "
@@ -369,37 +379,124 @@ class _Made:
     fallback: str | None = None
 
 
-def _level_weights(model, levels) -> tuple[list[export_patch.Weight], str | None]:
-    """The weights that differ between `levels`, with their level codes; or
-    the reason (`PATCH_FALLBACKS`) the levels are not masked copies of the
-    densest one."""
+@dataclasses.dataclass(frozen=True)
+class _LevelValues:
+    """Every inner weight's value at each exported level (sparsest first), by
+    name; the weights that differ as zeroed copies of the densest, with their
+    level codes; the names of those that differ otherwise; and each
+    variable's name by `id`."""
+
+    values: dict[str, tuple[np.ndarray, ...]]
+    masked: list[export_patch.Weight]
+    varying: list[str]
+    names: dict[int, str]
+
+
+def _level_weights(model, levels) -> _LevelValues:
+    """What differs between `levels`, and how (`_LevelValues`)."""
     owner = model_ops.owner(model)
     prunable = {id(w) for w in owner.prunable_weights}
     by_level = [owner.effective_weights(level) for level in levels]
-    weights = []
-    for w in owner.inner_model.weights:
-        values = [v[id(w)] for v in by_level]
-        if all(np.array_equal(v, values[-1]) for v in values[:-1]):
+    weights = owner.inner_model.weights
+    paths = [w.path for w in weights]
+    # Paths name weights in what is reported; an index keeps them apart in
+    # the rare model where two are the same.
+    unique = len(set(paths)) == len(paths)
+    names = {
+        id(w): p if unique else f"{p}#{i}"
+        for i, (w, p) in enumerate(zip(weights, paths))
+    }
+    values, masked, varying = {}, [], []
+    for w in weights:
+        name = names[id(w)]
+        values[name] = tuple(v[id(w)] for v in by_level)
+        if all(np.array_equal(v, values[name][-1]) for v in values[name][:-1]):
             continue
-        codes = export_patch.level_codes(values) if id(w) in prunable else None
+        codes = export_patch.level_codes(values[name]) if id(w) in prunable else None
         if codes is None:
-            return [], "per_level_weights"
-        weights.append(export_patch.Weight(w.path, values[-1], codes))
-    return weights, None
+            varying.append(name)
+        else:
+            masked.append(export_patch.Weight(name, values[name][-1], codes))
+    return _LevelValues(values, masked, varying, names)
+
+
+def _first_call(layer, attribute: str):
+    """`layer.input` or `layer.output` of its first call in a functional
+    graph, or None where there is no graph (a subclassed model's layers)."""
+    try:
+        return getattr(layer, attribute)
+    except (AttributeError, ValueError):
+        return None
+
+
+def _folding(inner_model, names) -> tuple[list, list]:
+    """Every kernel with its layer's bias (`export_patch.Layer`), and every
+    BatchNormalization (`export_patch.BatchNorm`), by name: what the
+    converter may fold one into, and what it folds. A layer whose output a
+    BatchNormalization takes, in the model's graph, says which."""
+    leaves = [
+        layer
+        for layer in _keras_compat.walk(inner_model)
+        if layer.weights and not _keras_compat.sublayers(layer)
+    ]
+    norms, takes = [], {}
+    for layer in leaves:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            takes[id(_first_call(layer, "input"))] = len(norms)
+            norms.append(
+                export_patch.BatchNorm(
+                    mean=names[id(layer.moving_mean)],
+                    variance=names[id(layer.moving_variance)],
+                    gamma=names[id(layer.gamma)] if layer.scale else None,
+                    beta=names[id(layer.beta)] if layer.center else None,
+                    epsilon=float(layer.epsilon),
+                )
+            )
+    takes.pop(id(None), None)
+    layers = []
+    for layer in leaves:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        bias = getattr(layer, "bias", None)  # Keras names it so.
+        bias = None if bias is None else names.get(id(bias))
+        output = _first_call(layer, "output")
+        follows = None if output is None else takes.get(id(output))
+        for w in layer.weights:
+            if len(w.shape) >= 2:
+                layers.append(export_patch.Layer(names[id(w)], bias, follows))
+    return layers, norms
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How `base` becomes every other level: the buffers whose elements are
+    zeroed, and the buffers rewritten whole."""
+
+    zeroed: list[export_patch.BufferPatch]
+    written: list[export_patch.BufferWrite]
 
 
 def _find_buffers(model, levels, base: bytes, quantization):
-    """The buffers of `base` to patch into the other levels, or the reason
-    (`PATCH_FALLBACKS`) they cannot be patched."""
+    """The `_Plan` patching `base` into the other levels, or the reason
+    (`PATCH_FALLBACKS`) it cannot be patched."""
     if len(levels) == 1:
-        return [], None  # Nothing to patch.
+        return _Plan([], []), None  # Nothing to patch.
     if quantization not in _PATCH_TOLERANCE:
         return None, "quantization"
-    weights, reason = _level_weights(model, levels)
-    if reason is not None:
-        return None, reason
-    patches, missing = export_patch.find_buffers(base, weights)
-    return (None, "unmapped") if missing else (patches, None)
+    found = _level_weights(model, levels)
+    writes = []
+    if found.varying:
+        inner = model_ops.owner(model).inner_model
+        layers, norms = _folding(inner, found.names)
+        writes, unplaced = export_patch.plan_writes(
+            base, found.values, found.varying, layers, norms
+        )
+        if unplaced:
+            return None, "per_level_weights"
+    patches, missing = export_patch.find_buffers(base, found.masked)
+    if missing or not export_patch.consistent(patches, writes):
+        return None, "unmapped"
+    return _Plan(patches, writes), None
 
 
 def _keras_outputs(model, level: int, probe) -> list[np.ndarray]:
@@ -435,8 +532,8 @@ def _verify(model, level: int, content: bytes, probe, quantization) -> str | Non
     return None
 
 
-def _patch(base: bytes, patches, position: int) -> bytes:
-    return export_patch.patch(base, patches, position)
+def _patch(base: bytes, plan: _Plan, position: int) -> bytes:
+    return export_patch.patch(base, plan.zeroed, position, plan.written)
 
 
 def _accuracy(content: bytes, data, batch_size: int = 256) -> float:
@@ -570,9 +667,11 @@ def export_tflite(
     compared with the Keras model at that level (within 1e-4 of the largest
     output, 1e-2 for float16). A level is traced and converted on its own
     instead when patching cannot give it: `"dynamic"` and `"int8"` files
-    quantize each level with its own scales; `shared="per_level"` gives
-    each level its own shared weights; a weight is not found in the
-    converted file; or the check fails. Each manifest row's `"made_by"`
+    quantize each level with its own scales; a level's own shared weights
+    (`shared="per_level"`, `"per_level_statistics"`) are rewritten into the
+    file, BatchNormalizations folded as the converter folds them, unless
+    where they are is ambiguous; a weight is not found in the converted
+    file; or the check fails. Each manifest row's `"made_by"`
     (`"patched"` or `"converted"`) and `"patch_fallback"` (None, or one of
     `PATCH_FALLBACKS`) say which. Exporting every level of a float32 model
     costs about one conversion plus a fraction of a second a level.
@@ -690,12 +789,12 @@ def _dense_files(model, levels, base: bytes, quantization, representative_data, 
     """Every level's file in dense storage, and how each was made: the
     densest is `base`; the others are patched from it and checked against
     Keras, or converted on their own when that fails (`PATCH_FALLBACKS`)."""
-    patches, reason = _find_buffers(model, levels, base, quantization)
+    plan, reason = _find_buffers(model, levels, base, quantization)
     files, made = [], []
     for position, level in enumerate(levels[:-1]):
         content, fallback = None, reason
         if fallback is None:
-            content = _patch(base, patches, position)
+            content = _patch(base, plan, position)
             fallback = _verify(model, level, content, probe, quantization)
         if fallback is not None:
             extracted = embedding.extract(model, level)
@@ -836,6 +935,17 @@ def _write(
         manifest["bundle_note"] = (
             "No bundle for full-integer quantization: activation ranges are "
             "calibrated per level. Use the per-level files."
+        )
+    elif bundle and quantization == "dynamic" and _level_weights(model, levels).varying:
+        # Each level's own normalization, folded into a kernel, gives that
+        # kernel its own per-channel int8 scales, which live outside the
+        # buffers a bundle holds: its levels would be silently wrong.
+        manifest["bundle"] = None
+        manifest["bundle_note"] = (
+            "No bundle for dynamic quantization of a model whose levels have "
+            "their own shared weights (shared='per_level_statistics' or "
+            "'per_level'): each level's int8 kernels have their own scales. Use "
+            "the per-level files."
         )
     elif bundle:
         content, manifest["bundle"] = _bundle(dense_files, levels, rows, name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from elsa_tf import elsa_model, levels, schedules, sparsifiers
+from elsa_tf import channel_levels, elsa_model, levels, schedules, sparsifiers
 
 
 def owner(model):
@@ -89,13 +89,16 @@ def prune_to(model, sparsity, step=None) -> None:
     values = [keras.ops.convert_to_numpy(v.value) for v in o.prunable_weights]
     maps = [m.numpy() for m in o.level_maps]
     sparsifier = o.sparsifier
-    kept = sparsifiers.check_kept(
-        sparsifier.select(values, maps, k, sparsity, step),
-        maps,
-        k,
-        sparsity,
-        sparsifier,
-    )
+    if o.channel_layout is not None:
+        kept = _kept_channel_elements(o, values, maps, k, sparsity, step)
+    else:
+        kept = sparsifiers.check_kept(
+            sparsifier.select(values, maps, k, sparsity, step),
+            maps,
+            k,
+            sparsity,
+            sparsifier,
+        )
     reactivated = 0
     for weight, map_variable, value, level_map, keep in zip(
         o.prunable_weights, o.level_maps, values, maps, kept
@@ -114,6 +117,51 @@ def prune_to(model, sparsity, step=None) -> None:
         counts = o.reactivations.numpy()
         counts[k] += reactivated
         o.reactivations.assign(counts)
+
+
+def _kept_channel_elements(o, values, maps, level, sparsity, step):
+    """The elementwise kept sets of a channel-granularity mask update.
+
+    The sparsifier chooses channels (`Sparsifier.select_channels`); their new
+    codes are written back onto every member element
+    (`channel_levels.element_codes`), and the elements whose code is at most
+    `level` are the kept ones.
+    """
+    layout, sparsifier = o.channel_layout, o.sparsifier
+    codes = channel_levels.channel_codes(maps, layout)
+    shapes = [m.shape for m in maps]
+    for expanded, level_map, weight in zip(
+        channel_levels.element_codes(codes, layout, shapes), maps, o.prunable_weights
+    ):
+        if not np.array_equal(expanded, level_map):
+            raise ValueError(
+                f"The level map of {weight.path!r} is not constant over the "
+                "channels of its channel groups; it was not made at "
+                "granularity='channel'."
+            )
+    candidates = sparsifier.channel_candidates(codes, level, step)
+    kept = channel_levels.check_kept(
+        sparsifier.select_channels(values, codes, layout, level, sparsity, step),
+        codes,
+        candidates,
+        level,
+        sparsity,
+        sparsifier.selection,
+        type(sparsifier).__name__,
+    )
+    new_codes = [levels.set_kept(c, k, level) for c, k in zip(codes, kept)]
+    return [m <= level for m in channel_levels.element_codes(new_codes, layout, shapes)]
+
+
+def channel_keep(model, level: int) -> dict[int, np.ndarray]:
+    """Group index -> boolean array of the channels `level` uses, for every
+    unpinned channel group of a model embedded at channel granularity."""
+    o = owner(model)
+    check_level(o, level)
+    codes = channel_levels.channel_codes(
+        [m.numpy() for m in o.level_maps], o.channel_layout
+    )
+    return {g.group: c <= level for g, c in zip(o.channel_layout, codes)}
 
 
 def finish_level(model) -> int:

@@ -14,18 +14,30 @@ class LevelSummary(list):
 
     def __str__(self) -> str:
         with_accuracy = any("accuracy" in row for row in self)
+        with_channels = any("kept_channels" in row for row in self)
         lines = [
             f"{'level':>5}  {'target':>7}  {'achieved':>8}  {'kept':>10}  "
             f"{'of':>10}  {'zeros':>6}  {'react.':>7}  {'status':<8}"
+            + ("  channels  weights" if with_channels else "")
             + ("  accuracy" if with_accuracy else "")
         ]
         for row in self:
             accuracy = row.get("accuracy")
+            # At channel granularity the target is a share of channels, so
+            # the achieved column is too; the weights' sparsity follows it.
+            channels = (
+                f"  {row['kept_channels']:>4}/{row['total_channels']:<4}"
+                f"{row['achieved_sparsity']:>8.2%}"
+                if with_channels
+                else ""
+            )
+            achieved = row.get("achieved_channel_sparsity", row["achieved_sparsity"])
             lines.append(
                 f"{row['level']:>5}  {row['target_sparsity']:>7.2%}  "
-                f"{row['achieved_sparsity']:>8.2%}  {row['kept']:>10,}  "
+                f"{achieved:>8.2%}  {row['kept']:>10,}  "
                 f"{row['total']:>10,}  {row.get('zero_share', 0.0):>6.1%}  "
                 f"{row.get('reactivations', 0):>7,}  {row['status']:<8}"
+                + channels
                 + (f"  {accuracy:>8.2%}" if accuracy is not None else "")
             )
             for layer in row.get("layers", []):
@@ -53,7 +65,10 @@ def summary(model, per_layer: bool = False) -> LevelSummary:
         A `LevelSummary` (a list of dicts with keys `level`,
         `target_sparsity`, `achieved_sparsity`, `kept`, `total`,
         `zero_share`, `reactivations`, `status` and, with `per_layer`,
-        `layers`); `print()` it for a table.
+        `layers`; at channel granularity also `kept_channels`,
+        `total_channels` and `achieved_channel_sparsity`, over the unpinned
+        channel groups, which is what the target measures); `print()` it for
+        a table.
 
     Raises:
         ValueError: if the model is not embedded.
@@ -63,6 +78,14 @@ def summary(model, per_layer: bool = False) -> LevelSummary:
     weights = model_ops.level_counts(model)
     reactivations = model_ops.owner(model).reactivations.numpy()
     total = sum(w["size"] for w in weights)
+    o = model_ops.owner(model)
+    channel_counts = None
+    if o.channel_layout is not None:
+        channel_counts = [
+            sum(int(k.sum()) for k in model_ops.channel_keep(o, level).values())
+            for level in range(len(sparsities))
+        ]
+        total_channels = sum(g.size for g in o.channel_layout)
     rows = LevelSummary()
     for k, target in enumerate(sparsities):
         kept = sum(w["kept"][k] for w in weights)
@@ -79,6 +102,10 @@ def summary(model, per_layer: bool = False) -> LevelSummary:
             if k < current
             else ("training" if k == current else "pending"),
         }
+        if channel_counts is not None:
+            row["kept_channels"] = channel_counts[k]
+            row["total_channels"] = total_channels
+            row["achieved_channel_sparsity"] = 1.0 - channel_counts[k] / total_channels
         if per_layer:
             row["layers"] = [
                 {

@@ -4,7 +4,12 @@ A sparsifier scores weights; this module turns scores into *kept sets* for
 one level, under the options every sparsifier shares:
 
 * `selection`: `"per_layer"` (each weight tensor reaches the level's
-  sparsity) or `"global"` (one ranking across all prunable weights);
+  sparsity), `"global"` (one ranking across all prunable weights) or
+  `"lamp"` (one ranking of layer-adaptive scores, Lee et al., ICLR 2021:
+  each squared score over the sum of the squared scores of its weight's
+  candidates that rank at or above it, so every weight keeps its best
+  candidate first and no layer is emptied while the budget allows one per
+  layer);
 * granularity: single weights, or whole blocks of a rank-2 weight
   (`block_shape`), ranked by their mean score.
 
@@ -20,7 +25,10 @@ import numpy as np
 
 from elsa_tf import levels
 
-SELECTIONS = ("per_layer", "global")
+SELECTIONS = ("per_layer", "global", "lamp")
+# What a level keeps or drops: single weights (or blocks of them), or whole
+# channels of the model's channel groups (`elsa_tf.channel_levels`).
+GRANULARITIES = ("weight", "channel")
 
 
 def _units(scores, candidates, block_shape):
@@ -82,6 +90,27 @@ def _select_together(scores, candidates, frozen, sparsity, block_shapes):
     ]
 
 
+def lamp_scores(scores, candidates) -> np.ndarray:
+    """Layer-adaptive scores of one weight's candidates (LAMP), 0 elsewhere.
+
+    A candidate's score over the sum of the scores of the candidates that
+    rank at or above it (ties broken by position), so the best candidate of
+    every weight scores 1. With scores `|w|**2` this is LAMP's score. For
+    example, scores [1, 4, 3] give [1/8, 1, 3/7].
+    """
+    scores = np.asarray(scores, np.float64)
+    candidates = np.asarray(candidates, bool)
+    flat, mask = scores.reshape(-1), candidates.reshape(-1)
+    out = np.zeros(flat.shape, np.float64)
+    index = np.flatnonzero(mask)
+    if index.size:
+        order = index[np.argsort(flat[index], kind="stable")]
+        ranked = flat[order]
+        above = np.cumsum(ranked[::-1])[::-1]
+        out[order] = np.divide(ranked, above, out=np.ones_like(ranked), where=above > 0)
+    return out.reshape(scores.shape)
+
+
 def keep_sets(
     scores,
     candidates,
@@ -100,7 +129,8 @@ def keep_sets(
         frozen: one boolean array per weight: the weights of finished
             levels, always kept and counted towards the budget.
         sparsity: the level's target sparsity.
-        selection: `"per_layer"` or `"global"`.
+        selection: `"per_layer"`, `"global"` or `"lamp"` (global, on each
+            weight's `lamp_scores`; blocks rank by their mean).
         block_shape: None, or the block shape of rank-2 weights.
 
     Returns:
@@ -116,7 +146,9 @@ def keep_sets(
     ]
     frozen = [np.asarray(f, bool) for f in frozen]
     block_shapes = [levels.weight_block_shape(c.shape, block_shape) for c in candidates]
-    if selection == "global":
+    if selection == "lamp":
+        scores = [lamp_scores(np.square(s), c) for s, c in zip(scores, candidates)]
+    if selection != "per_layer":
         kept = _select_together(scores, candidates, frozen, sparsity, block_shapes)
     else:
         kept = [
@@ -134,7 +166,7 @@ def expected_kept(
     The budget `levels.keep_count`, never fewer than the frozen weights nor
     more than the frozen weights and the candidates.
     """
-    if selection == "global":
+    if selection != "per_layer":
         frozen, candidates = sum(frozen_counts), sum(candidate_counts)
         budget = levels.keep_count(sum(sizes), sparsity)
         return min(max(budget, frozen), frozen + candidates)
@@ -155,6 +187,45 @@ def count_tolerance(shapes, block_shape, *, selection="per_layer") -> int:
     for shape in shapes:
         b = levels.weight_block_shape(shape, block_shape)
         halves.append(0 if b is None else (b[0] * b[1]) // 2)
-    if selection == "global":
+    if selection != "per_layer":
         return max(halves, default=0)
     return sum(halves)
+
+
+def checked_sets(kept, codes, level: int, answer: str, unit: str) -> list[np.ndarray]:
+    """A sparsifier's kept sets as bool arrays, checked against level codes.
+
+    Args:
+        kept: the sparsifier's answer, one array per entry of `codes`.
+        codes: level codes (a weight's level map, or a channel group's codes).
+        level: the level being trained.
+        answer: what gave the answer, for messages (`"GradualMagnitude.select"`).
+        unit: what the codes index, for messages (`"weight"`, `"channel"`).
+
+    Raises:
+        ValueError: for the wrong number of sets, a set of the wrong shape, or
+            one that drops an element of a finished level.
+    """
+    kept = list(kept)
+    if len(kept) != len(codes):
+        raise ValueError(
+            f"{answer} returned {len(kept)} kept sets for {len(codes)} entries "
+            f"({unit} codes)."
+        )
+    out = []
+    for i, (k, c) in enumerate(zip(kept, codes)):
+        k = np.asarray(k)
+        if k.shape != c.shape:
+            raise ValueError(
+                f"{answer} returned kept set {i} of shape {k.shape} for "
+                f"{unit} codes of shape {c.shape}."
+            )
+        k = k.astype(bool)
+        dropped = int((levels.frozen_mask_np(c, level) & ~k).sum())
+        if dropped:
+            raise ValueError(
+                f"{answer} dropped {dropped} frozen {unit}s from kept set {i}: "
+                f"the {unit}s of finished levels are always kept."
+            )
+        out.append(k)
+    return out

@@ -12,8 +12,9 @@ rather than trusting it.
 
 A sparsifier also says what the forward pass and the gradients do with the
 free weights it does not keep (`feedback`, `forward`), and may add a loss
-(`loss`). Selection (per layer or global) and granularity (single weights, or
-blocks) are options every sparsifier shares (`elsa_tf.selection`).
+(`loss`). Selection (per layer or global) and granularity (single weights,
+blocks, or whole channels) are options every sparsifier shares
+(`elsa_tf.selection`, `elsa_tf.channel_levels`).
 
 Two are built in:
 
@@ -40,15 +41,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from elsa_tf import levels
+from elsa_tf import channel_levels, levels
 from elsa_tf import selection as selection_lib
 
 CARRY_OPTIONS = ("zero", "feedback")
-# One ranking across all prunable weights: with BatchNormalization
-# re-estimated at every level's end (elsa_tf.fit's default), it led tfmot's
-# separately pruned models at every level on a held-out digits CNN, where
-# per-layer ranking trailed them (issue 10). elsa-train uses it too.
-DEFAULT_SELECTION = "global"
+# One ranking across all prunable weights, of layer-adaptive (LAMP) scores.
+# Plain global ranking led tfmot's separately pruned models at every level on
+# a held-out digits CNN, where per-layer ranking trailed them (issue 10); but
+# it empties whole layers of a MobileNetV2 (its depthwise kernels and its
+# classifier) at 75%, leaving that level at chance. LAMP never empties a
+# layer and matched or beat plain global ranking on digits and MNIST-1D (see
+# the README's sparsifier benchmark). elsa-train uses it too.
+DEFAULT_SELECTION = "lamp"
+# Root mean square of a channel's weights: the L2 norm that the channel
+# pruning literature ranks filters by (Li et al. 2017 use L1; both are here),
+# per element so that groups of different fan-in compare under global ranking.
+DEFAULT_CHANNEL_NORM = "l2"
 
 
 def _check_interval(update_interval):
@@ -87,29 +95,60 @@ class Sparsifier:
     a subclass with `keras.saving.register_keras_serializable`.
 
     Args:
-        selection: `"global"` (one ranking across all prunable weights, the
-            default) or `"per_layer"` (every weight tensor reaches the
+        selection: `"lamp"` (the default: one ranking across all prunable
+            weights of layer-adaptive scores, which never empties a layer;
+            see `elsa_tf.selection`), `"global"` (one ranking of the scores
+            themselves) or `"per_layer"` (every weight tensor reaches the
             level's sparsity, as tfmot's wrappers do).
         block_shape: None selects single weights; a pair of positive ints
             keeps or drops every rank-2 weight in whole blocks of that shape
             (see `elsa_tf.embed`).
         update_interval: steps between mask updates, or None to update when
             the level's tfmot schedule says (its `frequency`).
+        granularity: `"weight"` (single weights, or blocks with
+            `block_shape`) or `"channel"`: whole channels of the model's
+            channel groups, found from its graph (see `elsa_tf.embed`).
+        channel_norm: how a channel's weights make its score at channel
+            granularity: `"l2"` (root mean square of `score`) or `"l1"`
+            (its mean).
     """
 
     feedback = False
 
     def __init__(
-        self, selection=DEFAULT_SELECTION, block_shape=None, update_interval=None
+        self,
+        selection=DEFAULT_SELECTION,
+        block_shape=None,
+        update_interval=None,
+        granularity="weight",
+        channel_norm=DEFAULT_CHANNEL_NORM,
     ):
         if selection not in selection_lib.SELECTIONS:
             raise ValueError(
                 f"selection must be one of {selection_lib.SELECTIONS}. "
                 f"Received: selection={selection!r}"
             )
+        if granularity not in selection_lib.GRANULARITIES:
+            raise ValueError(
+                f"granularity must be one of {selection_lib.GRANULARITIES}. "
+                f"Received: granularity={granularity!r}"
+            )
+        if channel_norm not in channel_levels.CHANNEL_NORMS:
+            raise ValueError(
+                f"channel_norm must be one of {channel_levels.CHANNEL_NORMS}. "
+                f"Received: channel_norm={channel_norm!r}"
+            )
         self.selection = selection
         self.block_shape = levels.validate_block_shape(block_shape)
+        if granularity == "channel" and self.block_shape is not None:
+            raise ValueError(
+                "block_shape selects blocks of single weights; it does not apply "
+                "to granularity='channel', which keeps whole channels. Received: "
+                f"block_shape={block_shape!r}, granularity={granularity!r}"
+            )
         self.update_interval = _check_interval(update_interval)
+        self.granularity = granularity
+        self.channel_norm = channel_norm
 
     # -- which weights ------------------------------------------------------
 
@@ -148,6 +187,50 @@ class Sparsifier:
             block_shape=self.block_shape,
         )
 
+    def channel_candidates(self, channel_maps, level: int, step) -> list[np.ndarray]:
+        """The channels `select_channels` may keep: `candidates` of each
+        group's codes, and at the level's end (`step=None`) only those kept
+        now, so that the level is trimmed to its target, never re-ranked."""
+        candidates = [np.asarray(self.candidates(m, level), bool) for m in channel_maps]
+        if step is None:
+            candidates = [c & (m == level) for c, m in zip(candidates, channel_maps)]
+        return candidates
+
+    def select_channels(
+        self, weights, channel_maps, groups, level: int, sparsity: float, step
+    ) -> list[np.ndarray]:
+        """The kept channels of every unpinned group at a mask update
+        (`granularity="channel"`).
+
+        Each channel is scored by the `channel_norm` of `score` over its "out"
+        slices, per element (`channel_levels.channel_scores`); the candidates
+        are `candidates(channel_map, level)`, only the channels kept now at
+        the level's end (`step=None`), as for weights.
+
+        Args:
+            weights: the prunable weights' values, NumPy arrays.
+            channel_maps: each group's channel codes (entries below `level`
+                are frozen).
+            groups: the `channel_levels.GroupLayout` of every unpinned group.
+            level, sparsity, step: as for `select`; `sparsity` is the share
+                of channels removed.
+
+        Returns:
+            One boolean array per group, True where kept; frozen channels
+            must be kept, and every group keeps at least one.
+        """
+        scores = channel_levels.channel_scores(
+            [self.score(w) for w in weights], groups, self.channel_norm
+        )
+        candidates = self.channel_candidates(channel_maps, level, step)
+        return channel_levels.keep_channels(
+            scores,
+            candidates,
+            [levels.frozen_mask_np(m, level) for m in channel_maps],
+            sparsity,
+            selection=self.selection,
+        )
+
     # -- what training does with them ---------------------------------------
 
     def forward(self, weight, keep):
@@ -181,6 +264,8 @@ class Sparsifier:
             "selection": self.selection,
             "block_shape": None if self.block_shape is None else list(self.block_shape),
             "update_interval": self.update_interval,
+            "granularity": self.granularity,
+            "channel_norm": self.channel_norm,
         }
 
     @classmethod
@@ -225,7 +310,8 @@ class DynamicPruningWithFeedback(Sparsifier):
             the next level, where they are free again: `"zero"` (the next
             level starts out computing exactly what this one computes) or
             `"feedback"` (their fed-back values).
-        selection, block_shape: as for `Sparsifier`.
+        selection, block_shape, granularity, channel_norm: as for
+            `Sparsifier`.
     """
 
     feedback = True
@@ -236,13 +322,17 @@ class DynamicPruningWithFeedback(Sparsifier):
         carry="zero",
         selection=DEFAULT_SELECTION,
         block_shape=None,
+        granularity="weight",
+        channel_norm=DEFAULT_CHANNEL_NORM,
     ):
         if update_interval is None:
             raise ValueError(
                 "DynamicPruningWithFeedback needs an update_interval >= 1. "
                 "Received: update_interval=None"
             )
-        super().__init__(selection, block_shape, update_interval)
+        super().__init__(
+            selection, block_shape, update_interval, granularity, channel_norm
+        )
         if carry not in CARRY_OPTIONS:
             raise ValueError(
                 f"carry must be one of {CARRY_OPTIONS}. Received: carry={carry!r}"
@@ -353,28 +443,9 @@ def check_kept(kept, level_maps, level: int, sparsity: float, sparsifier) -> lis
             budget.
     """
     name = type(sparsifier).__name__
-    kept = list(kept)
-    if len(kept) != len(level_maps):
-        raise ValueError(
-            f"{name}.select returned {len(kept)} kept sets for "
-            f"{len(level_maps)} prunable weights."
-        )
-    out = []
-    for i, (k, m) in enumerate(zip(kept, level_maps)):
-        k = np.asarray(k)
-        if k.shape != m.shape:
-            raise ValueError(
-                f"{name}.select returned a kept set of shape {k.shape} for weight "
-                f"{i} of shape {m.shape}."
-            )
-        k = k.astype(bool)
-        frozen = levels.frozen_mask_np(m, level)
-        if (frozen & ~k).any():
-            raise ValueError(
-                f"{name}.select dropped {int((frozen & ~k).sum())} frozen weights "
-                f"of weight {i}: the weights of finished levels are always kept."
-            )
-        out.append(k)
+    out = selection_lib.checked_sets(
+        kept, level_maps, level, f"{name}.select", "weight"
+    )
     sizes = [m.size for m in level_maps]
     frozen = [levels.frozen_mask_np(m, level) for m in level_maps]
     candidate_counts = [

@@ -10,10 +10,10 @@ that every reason to convert a level instead does make it convert.
 import keras
 import numpy as np
 import pytest
-from conftest import cnn_with_bn, finish_levels, mlp
+from conftest import LOSS, cnn_with_bn, finish_levels, image_data, mlp, vector_data
 
 import elsa_tf
-from elsa_tf import export, lite, prunable
+from elsa_tf import elsa_model, export, lite, prunable
 
 SPARSITIES = [0.75, 0.5, 0.0]
 LAYERS = keras.layers
@@ -100,6 +100,19 @@ def _files(out, manifest):
     return [(out / row["file"]).read_bytes() for row in manifest["levels"]]
 
 
+def _check_levels(model, manifest, directory, x):
+    """Every level's file computes the Keras level, as the bundle's level and
+    the level converted on its own (how every level was exported before)."""
+    bundle = lite.read_bundle(directory / "bundle.tflite")
+    for level, content in enumerate(_files(directory, manifest)):
+        got = _run(content, x)
+        _close(got, _keras(model, level, x))
+        np.testing.assert_array_equal(_run(bundle.materialize(level), x), got)
+        if manifest["levels"][level]["made_by"] == "patched":
+            alone = export._convert(elsa_tf.extract(model, level), None, None, False)
+            _close(got, _run(alone, x), 1e-5)
+
+
 @pytest.mark.parametrize(
     "layer_type",
     sorted(LAYER_CASES, key=lambda t: t.__name__),
@@ -112,17 +125,7 @@ def test_patched_levels_are_the_levels(layer_type, tmp_path):
     rows = manifest["levels"]
     assert [r["made_by"] for r in rows] == ["patched", "patched", "converted"]
     assert [r["patch_fallback"] for r in rows] == [None] * 3
-    bundle = lite.read_bundle(tmp_path / "out" / "bundle.tflite")
-    x = _inputs(shape)
-    for level, content in enumerate(_files(tmp_path / "out", manifest)):
-        got = _run(content, x)
-        _close(got, _keras(model, level, x))
-        # The same outputs as the bundle's level and as the level converted
-        # on its own, the way every level was exported before.
-        np.testing.assert_array_equal(_run(bundle.materialize(level), x), got)
-        if rows[level]["made_by"] == "patched":
-            alone = export._convert(elsa_tf.extract(model, level), None, None, False)
-            _close(got, _run(alone, x), 1e-5)
+    _check_levels(model, manifest, tmp_path / "out", _inputs(shape))
 
 
 def test_float16_levels_are_patched_too(tmp_path):
@@ -170,11 +173,19 @@ def _normalized_sum():
     return model
 
 
-def _per_level_banks():
-    model = _finished(cnn_with_bn, shared="per_level")()
+def _per_level_banks(base=cnn_with_bn):
+    """Untrained shared weights: the densest level's normalization still has
+    gamma 1 and variance 1, a constant scale, which identifies no kernel."""
+    model = _finished(base, shared="per_level")()
     for bank in elsa_tf.model_ops.owner(model).banks:
         bank.assign(bank.numpy() * 1.5)  # Each level's own BatchNorm and biases.
     return model
+
+
+def _per_level_normalized_sum():
+    """The normalization before the head is folded into the head, which the
+    patcher does not rewrite: with its own copy per level, it is declined."""
+    return _per_level_banks(_normalized_sum)
 
 
 @pytest.mark.parametrize(
@@ -182,6 +193,7 @@ def _per_level_banks():
     [
         ("quantization", _finished(mlp), {"quantization": "dynamic"}),
         ("per_level_weights", _per_level_banks, {}),
+        ("per_level_weights", _per_level_normalized_sum, {}),
         ("unmapped", _finished(lambda: _custom(Squared())), {}),
         ("outputs_differ", _finished(_normalized_sum), {}),
     ],
@@ -219,3 +231,158 @@ def test_checking_a_level_leaves_the_model_at_its_level(tmp_path):
     elsa_tf.set_level(model, 1)
     elsa_tf.export_tflite(model, tmp_path / "out")
     assert elsa_tf.model_ops.owner(model).view_level == 1
+
+
+# Every mode that gives levels their own shared weights (or statistics).
+PER_LEVEL_MODES = [m for m in elsa_model.SHARED_MODES if m != "freeze"]
+
+
+def _conv_bn_depthwise():
+    """Conv2D -> BN -> ReLU -> DepthwiseConv2D -> BN -> ReLU (each BN folded
+    into the convolution before it), a BN on its own (a multiplication and
+    an addition), then a Dense head with a bias."""
+    inputs = keras.Input((8, 8, 1))
+    h = LAYERS.Conv2D(4, 3, padding="same")(inputs)
+    h = LAYERS.ReLU()(LAYERS.BatchNormalization()(h))
+    h = LAYERS.DepthwiseConv2D(3, depth_multiplier=2, padding="same")(h)
+    h = LAYERS.ReLU()(LAYERS.BatchNormalization()(h))
+    h = LAYERS.BatchNormalization()(h)
+    return keras.Model(inputs, LAYERS.Dense(3)(LAYERS.Flatten()(h)))
+
+
+def _dense_with_layer_norm():
+    """Dense layers with biases around a LayerNormalization (its scale and
+    offset kept as they are in the file)."""
+    inputs = keras.Input((8,))
+    h = LAYERS.LayerNormalization()(LAYERS.Dense(16, activation="relu")(inputs))
+    return keras.Model(inputs, LAYERS.Dense(3)(h))
+
+
+def _trained(base, shared, data):
+    model = elsa_tf.embed(base, SPARSITIES, shared=shared)
+    x, y = data
+    elsa_tf.fit(model, x, y, epochs_per_level=1, optimizer="adam", loss=LOSS, verbose=0)
+    return model
+
+
+def _differ_between_levels(model, layer_type):
+    """Whether every shared variable of the `layer_type` layers that the
+    model keeps per level (all under "per_level", the statistics otherwise)
+    has another value at each level."""
+    owner = elsa_tf.model_ops.owner(model)
+    shared = {id(v) for v in owner.shared_weights}
+    at = [owner.effective_weights(k) for k in range(len(SPARSITIES))]
+    variables = [
+        v
+        for layer in owner.inner_model.layers
+        if isinstance(layer, layer_type)
+        for v in layer.weights
+        if id(v) in shared and (owner.shared == "per_level" or not v.trainable)
+    ]
+    return bool(variables) and all(
+        not np.array_equal(at[k][id(v)], at[-1][id(v)])
+        for v in variables
+        for k in range(len(SPARSITIES) - 1)
+    )
+
+
+@pytest.mark.parametrize("shared", PER_LEVEL_MODES)
+@pytest.mark.parametrize(
+    "base, layer_type, data, shape",
+    [
+        (
+            _conv_bn_depthwise,
+            LAYERS.BatchNormalization,
+            lambda: image_data(64),
+            (8, 8, 1),
+        ),
+        (_dense_with_layer_norm, LAYERS.Dense, lambda: vector_data(64), (8,)),
+    ],
+    ids=["conv_bn_depthwise", "dense_layer_norm"],
+)
+def test_per_level_shared_weights_are_patched(
+    shared, base, layer_type, data, shape, tmp_path
+):
+    if shared != "per_level" and layer_type is not LAYERS.BatchNormalization:
+        pytest.skip("Only BatchNormalization statistics differ between levels.")
+    model = _trained(base(), shared, data())
+    assert _differ_between_levels(model, layer_type)
+    manifest = elsa_tf.export_tflite(model, tmp_path / "out")
+    rows = manifest["levels"]
+    assert [(r["made_by"], r["patch_fallback"]) for r in rows] == [
+        ("patched", None),
+        ("patched", None),
+        ("converted", None),
+    ]
+    _check_levels(model, manifest, tmp_path / "out", _inputs(shape, n=16))
+
+
+def test_per_level_float16_levels_are_patched_too(tmp_path):
+    model = _trained(_conv_bn_depthwise(), "per_level", image_data(64))
+    manifest = elsa_tf.export_tflite(model, tmp_path / "out", quantization="float16")
+    assert [r["made_by"] for r in manifest["levels"]] == ["patched"] * 2 + ["converted"]
+    x = _inputs((8, 8, 1))
+    for level, content in enumerate(_files(tmp_path / "out", manifest)):
+        alone = export._convert(elsa_tf.extract(model, level), "float16", None, False)
+        _close(_run(content, x), _run(alone, x), 1e-5)
+
+
+# Layer types after which the converter folds the BatchNormalization into the
+# next layer (the Dense head: Flatten does nothing to [batch, units]), with
+# the first layer's bias through that layer's kernel: declined.
+FOLDED_INTO_THE_NEXT_LAYER = {LAYERS.Dense}
+
+
+def _own_shared_values(model, seed=1):
+    """Every level's shared weights drawn apart, as per-level training leaves
+    them: normalization scales and variances about 1, the rest small."""
+    rng = np.random.default_rng(seed)
+    owner = elsa_tf.model_ops.owner(model)
+    for w in [*owner.shared_weights, *owner.banks]:
+        shape = tuple(w.shape)
+        if w.name.endswith(("gamma", "variance")):
+            w.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
+        else:
+            w.assign(rng.normal(0.0, 0.1, shape).astype("float32"))
+    return model
+
+
+@pytest.mark.parametrize(
+    "layer_type",
+    sorted(LAYER_CASES, key=lambda t: t.__name__),
+    ids=lambda t: t.__name__,
+)
+def test_per_level_levels_of_every_layer_type_are_patched(layer_type, tmp_path):
+    base, shape = _with_batch_norm(layer_type)
+    model = finish_levels(elsa_tf.embed(base, SPARSITIES, shared="per_level"))
+    manifest = elsa_tf.export_tflite(_own_shared_values(model), tmp_path / "out")
+    expected = ("patched", None)
+    if layer_type in FOLDED_INTO_THE_NEXT_LAYER:
+        expected = ("converted", "per_level_weights")
+    rows = manifest["levels"]
+    assert [(r["made_by"], r["patch_fallback"]) for r in rows] == [
+        expected,
+        expected,
+        ("converted", None),
+    ]
+    x = _inputs(shape)
+    for level, content in enumerate(_files(tmp_path / "out", manifest)):
+        _close(_run(content, x), _keras(model, level, x))
+
+
+def test_no_dynamic_bundle_when_levels_have_their_own_statistics(tmp_path):
+    # Each level's statistics, folded into a kernel, give its int8 kernel
+    # scales of its own, which a bundle cannot carry.
+    model = _trained(_conv_bn_depthwise(), "per_level_statistics", image_data(64))
+    manifest = elsa_tf.export_tflite(
+        model,
+        tmp_path / "out",
+        quantization="dynamic",
+        representative_data=image_data(64)[0],
+    )
+    assert manifest["bundle"] is None
+    assert "own scales" in manifest["bundle_note"]
+    assert not (tmp_path / "out" / "bundle.tflite").exists()
+    x = _inputs((8, 8, 1))
+    for level, content in enumerate(_files(tmp_path / "out", manifest)):
+        _close(_run(content, x), _keras(model, level, x), 5e-2)

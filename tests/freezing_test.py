@@ -20,7 +20,8 @@ OPTIMIZERS = {
     [
         ("freeze", "gradual_magnitude"),
         ("per_level", "gradual_magnitude"),
-        ("freeze", "dpf"),
+        ("per_level_statistics", "gradual_magnitude"),
+        ("per_level_statistics", "dpf"),
     ],
 )
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))

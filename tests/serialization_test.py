@@ -24,6 +24,7 @@ def _config_round_trip(obj):
         {},
         {"prune": [1]},
         {"shared": "per_level"},
+        {"shared": "per_level_statistics"},
         {"selection": "global"},
         {"block_shape": [4, 1]},
         {"schedule": elsa_tf.LevelSchedule("constant", end_fraction=0.5, frequency=3)},
@@ -119,7 +120,7 @@ def test_scheduler_config_round_trip_keeps_every_argument():
     }
 
 
-@pytest.mark.parametrize("shared", ["freeze", "per_level"])
+@pytest.mark.parametrize("shared", ["freeze", "per_level", "per_level_statistics"])
 def test_save_mid_training_then_continue(tmp_path, shared):
     x, y = image_data()
     model = elsa_tf.embed(cnn_with_bn(), [0.8, 0.5, 0.0], shared=shared)

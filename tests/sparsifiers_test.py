@@ -13,6 +13,7 @@ from conftest import (
 
 import elsa_tf
 from elsa_tf import levels, model_ops, sparsifiers
+from elsa_tf import selection as selection_lib
 
 
 def _digits(n=600):
@@ -103,7 +104,7 @@ def test_a_kept_set_that_drops_a_frozen_weight_is_an_error():
         mlp(), [0.5, 0.2, 0.0], sparsifier=_DropsFrozen(selection="per_layer")
     )
     model_ops.finish_level(model)  # nothing frozen yet at level 0
-    with pytest.raises(ValueError, match="dropped 64 frozen weights of weight 0"):
+    with pytest.raises(ValueError, match="dropped 64 frozen weights from kept set 0"):
         model_ops.prune_to(model, 0.2)
 
 
@@ -353,3 +354,33 @@ def test_update_masks_names_a_bad_step(step, level_steps, match):
     model = elsa_tf.embed(mlp(), [0.5, 0.0])
     with pytest.raises(ValueError, match=match):
         elsa_tf.update_masks(model, step, level_steps)
+
+
+def test_lamp_scores_by_hand():
+    scores = selection_lib.lamp_scores(
+        np.array([1.0, 4.0, 3.0, 9.0]), np.array([True, True, True, False])
+    )
+    np.testing.assert_allclose(scores, [1 / 8, 1.0, 3 / 7, 0.0])
+
+
+def test_lamp_never_empties_a_layer_that_global_ranking_empties():
+    # Weight 1's magnitudes are all below weight 0's: global ranking at 75%
+    # keeps none of them, LAMP keeps its best ones.
+    rng = np.random.default_rng(0)
+    scores = [rng.uniform(1.0, 2.0, (8, 8)), rng.uniform(0.0, 0.1, (4, 4))]
+    candidates = [np.ones(s.shape, bool) for s in scores]
+    frozen = [np.zeros(s.shape, bool) for s in scores]
+    total = sum(s.size for s in scores)
+    kept = {
+        selection: selection_lib.keep_sets(
+            scores, candidates, frozen, 0.75, selection=selection
+        )
+        for selection in ("global", "lamp")
+    }
+    assert not kept["global"][1].any()
+    assert kept["lamp"][1].any()
+    for sets in kept.values():
+        assert sum(int(k.sum()) for k in sets) == round(0.25 * total)
+    # Within a weight LAMP keeps the largest scores, as magnitude does.
+    small = scores[1][kept["lamp"][1]].min()
+    assert small >= scores[1][~kept["lamp"][1]].max()

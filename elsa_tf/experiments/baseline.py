@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from elsa_tf import batch_norm, export, schedules
+from elsa_tf import batch_norm, export, schedules, sparsifiers
 from elsa_tf.callbacks import check_positive_int
 from elsa_tf.lite import runtime
 
@@ -352,7 +352,7 @@ def train_independent_elsa(
     schedule: schedules.LevelSchedule,
     seed: int,
     sparsifier: str = "gradual_magnitude",
-    selection: str = "global",
+    selection: str = sparsifiers.DEFAULT_SELECTION,
     shared: str = "freeze",
     augment: bool = True,
     recalibration_data=None,

@@ -18,8 +18,8 @@ from elsa_tf.experiments import datasets, optimizers, zoo
 
 SPARSIFIERS = ("gradual_magnitude", "dpf")
 SCHEDULES = ("polynomial_decay", "constant")
-SELECTIONS = ("global", "per_layer")
-SHARED_MODES = ("freeze", "per_level")
+SELECTIONS = ("lamp", "global", "per_layer")
+SHARED_MODES = ("freeze", "per_level_statistics", "per_level")
 QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
 # --baseline: models trained separately, one per level, to compare ELSA with;
 # "none" (or nothing) trains none.
@@ -29,7 +29,11 @@ _SPARSIFIER_NAMES = {
     "gradual_magnitude": "gradual magnitude",
     "dpf": "dynamic pruning with feedback",
 }
-_SELECTION_NAMES = {"global": "global ranking", "per_layer": "per-layer ranking"}
+_SELECTION_NAMES = {
+    "global": "global ranking",
+    "per_layer": "per-layer ranking",
+    "lamp": "global ranking of layer-adaptive (LAMP) scores",
+}
 DISTRIBUTIONS = ("none", "mirrored")
 AUTO = "auto"
 

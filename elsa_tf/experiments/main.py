@@ -104,14 +104,17 @@ flags.DEFINE_enum(
     "selection",
     _D.selection,
     list(config_lib.SELECTIONS),
-    "Rank weight magnitudes across all layers (global) or within each layer.",
+    "Rank weight magnitudes across all layers (global), within each layer "
+    "(per_layer), or across all layers by layer-adaptive LAMP scores (lamp), "
+    "which never empty a layer.",
 )
 flags.DEFINE_enum(
     "shared",
     _D.shared,
     list(config_lib.SHARED_MODES),
-    "Biases and normalization weights: trained with level 0 then frozen, or "
-    "one copy per level.",
+    "Biases and normalization weights: all trained with level 0 then frozen "
+    "(freeze); the same, but normalization statistics kept per level "
+    "(per_level_statistics); or one copy of each per level (per_level).",
 )
 flags.DEFINE_bool(
     "recalibrate_bn",
