@@ -39,7 +39,8 @@ def exported(tmp_path_factory):
     """A saved 3-level MLP, its float32 export and an .npz of data."""
     keras.utils.set_random_seed(0)
     root = tmp_path_factory.mktemp("lite_tools")
-    model = finish_levels(elsa_tf.embed(mlp(), SPARSITIES))
+    # Global ranking: the per-tensor sparsities below are its.
+    model = finish_levels(elsa_tf.embed(mlp(), SPARSITIES, selection="global"))
     model.save(root / "model.keras")
     x, y = vector_data(n=32)
     np.savez(root / "data.npz", x=x, y=y)

@@ -345,9 +345,8 @@ def test_independent_elsa_models_train_as_elsa_would(tmp_path):
         assert os.path.getsize(row["tflite_path"]) == row["tflite_bytes"]
 
     keras.utils.set_random_seed(0)
-    model = elsa_tf.embed(
-        cnn_with_bn(), SPARSITIES, selection="global", schedule=common["schedule"]
-    )
+    # Both at the default selection.
+    model = elsa_tf.embed(cnn_with_bn(), SPARSITIES, schedule=common["schedule"])
     elsa_tf.fit(
         model,
         data.train(32, seed=0),
