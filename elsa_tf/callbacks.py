@@ -19,12 +19,7 @@ from absl import logging as absl_logging
 from elsa_tf import batch_norm, model_ops
 from elsa_tf import optimizer as optimizer_lib
 
-
-def check_positive_int(name: str, value) -> int:
-    """`value` as an int; ValueError naming `name` unless it is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int. Received: {name}={value!r}")
-    return int(value)
+check_positive_int = model_ops.check_positive_int
 
 
 def check_epochs_per_level(epochs_per_level) -> int:

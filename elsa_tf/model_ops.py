@@ -12,6 +12,27 @@ import numpy as np
 from elsa_tf import channel_levels, elsa_model, levels, schedules, sparsifiers
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value) -> int:
+    """`value` as an int; ValueError naming `name` unless it is an int >= 1."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int. Received: {name}={value!r}")
+    return int(value)
+
+
+def check_int_below(name: str, value, bound_name: str, bound: int) -> int:
+    """`value` as an int; ValueError naming `name` unless 0 <= value < bound."""
+    if not _is_int(value) or not 0 <= value < bound:
+        raise ValueError(
+            f"{name} must be an int in [0, {bound_name}={bound}). "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
 def owner(model):
     """The `ElsaModel` that holds an embedded model's levels.
 
@@ -212,23 +233,8 @@ def update_masks(model, step: int, level_steps: int) -> bool:
     k = o.current_level
     if k >= o.num_levels:
         raise ValueError("Every level is finished; there is nothing left to prune.")
-    if (
-        isinstance(level_steps, bool)
-        or not isinstance(level_steps, (int, np.integer))
-        or level_steps < 1
-    ):
-        raise ValueError(
-            f"level_steps must be a positive int. Received: level_steps={level_steps!r}"
-        )
-    if (
-        isinstance(step, bool)
-        or not isinstance(step, (int, np.integer))
-        or not 0 <= step < level_steps
-    ):
-        raise ValueError(
-            f"step must be an int in [0, level_steps={level_steps}). "
-            f"Received: step={step!r}"
-        )
+    check_positive_int("level_steps", level_steps)
+    check_int_below("step", step, "level_steps", level_steps)
     key = (k, int(level_steps))
     cache = getattr(o, "_update_steps_cache", None)
     if cache is None or cache[0] != key:

@@ -112,15 +112,9 @@ def fit(
     epochs_per_level = callbacks.check_epochs_per_level(epochs_per_level)
     levels = callbacks.resolve_levels(model, levels)
     make_optimizer = _optimizer_factory(optimizer)
-    if (
-        isinstance(initial_epoch, bool)
-        or not isinstance(initial_epoch, (int, np.integer))
-        or not 0 <= initial_epoch < epochs_per_level
-    ):
-        raise ValueError(
-            f"initial_epoch must be an int in [0, epochs_per_level="
-            f"{epochs_per_level}). Received: initial_epoch={initial_epoch!r}"
-        )
+    model_ops.check_int_below(
+        "initial_epoch", initial_epoch, "epochs_per_level", epochs_per_level
+    )
     optimizer_now = getattr(model, "optimizer", None)
     if initial_epoch and not isinstance(optimizer_now, optimizer_lib.FreezingOptimizer):
         raise ValueError(

@@ -113,11 +113,14 @@ def _check_levels(model, manifest, directory, x):
             _close(got, _run(alone, x), 1e-5)
 
 
-@pytest.mark.parametrize(
+_EVERY_LAYER_TYPE = pytest.mark.parametrize(
     "layer_type",
     sorted(LAYER_CASES, key=lambda t: t.__name__),
     ids=lambda t: t.__name__,
 )
+
+
+@_EVERY_LAYER_TYPE
 def test_patched_levels_are_the_levels(layer_type, tmp_path):
     base, shape = _with_batch_norm(layer_type)
     model = finish_levels(elsa_tf.embed(base, SPARSITIES))
@@ -128,14 +131,20 @@ def test_patched_levels_are_the_levels(layer_type, tmp_path):
     _check_levels(model, manifest, tmp_path / "out", _inputs(shape))
 
 
-def test_float16_levels_are_patched_too(tmp_path):
-    model = finish_levels(elsa_tf.embed(cnn_with_bn(), SPARSITIES))
+def _check_float16_patched(model, tmp_path):
+    """Float16 levels are patched, and compute what each level converted on
+    its own computes."""
     manifest = elsa_tf.export_tflite(model, tmp_path / "out", quantization="float16")
     assert [r["made_by"] for r in manifest["levels"]] == ["patched"] * 2 + ["converted"]
     x = _inputs((8, 8, 1))
     for level, content in enumerate(_files(tmp_path / "out", manifest)):
         alone = export._convert(elsa_tf.extract(model, level), "float16", None, False)
         _close(_run(content, x), _run(alone, x), 1e-5)
+
+
+def test_float16_levels_are_patched_too(tmp_path):
+    model = finish_levels(elsa_tf.embed(cnn_with_bn(), SPARSITIES))
+    _check_float16_patched(model, tmp_path)
 
 
 class Squared(LAYERS.Layer):
@@ -321,12 +330,7 @@ def test_per_level_shared_weights_are_patched(
 
 def test_per_level_float16_levels_are_patched_too(tmp_path):
     model = _trained(_conv_bn_depthwise(), "per_level", image_data(64))
-    manifest = elsa_tf.export_tflite(model, tmp_path / "out", quantization="float16")
-    assert [r["made_by"] for r in manifest["levels"]] == ["patched"] * 2 + ["converted"]
-    x = _inputs((8, 8, 1))
-    for level, content in enumerate(_files(tmp_path / "out", manifest)):
-        alone = export._convert(elsa_tf.extract(model, level), "float16", None, False)
-        _close(_run(content, x), _run(alone, x), 1e-5)
+    _check_float16_patched(model, tmp_path)
 
 
 # Layer types after which the converter folds the BatchNormalization into the
@@ -349,11 +353,7 @@ def _own_shared_values(model, seed=1):
     return model
 
 
-@pytest.mark.parametrize(
-    "layer_type",
-    sorted(LAYER_CASES, key=lambda t: t.__name__),
-    ids=lambda t: t.__name__,
-)
+@_EVERY_LAYER_TYPE
 def test_per_level_levels_of_every_layer_type_are_patched(layer_type, tmp_path):
     base, shape = _with_batch_norm(layer_type)
     model = finish_levels(elsa_tf.embed(base, SPARSITIES, shared="per_level"))
