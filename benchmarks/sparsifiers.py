@@ -13,9 +13,11 @@ BatchNormalization re-estimation (`elsa-train`'s defaults otherwise):
 
 The table gives per level the mean +- std test accuracy over the seeds, the
 differences that issue 10's goal is about (ELSA minus the independent models
-of the same sparsifier; ELSA minus tfmot), the training time of each, and,
-for DPF, the weights it brought back (reactivations). Step time over plain
-Keras is `benchmarks/training_cost.py`'s figure.
+of the same sparsifier; ELSA minus tfmot), the training time of each, for
+DPF the weights it brought back (reactivations), and for ELSA with gradual
+magnitude pruning the share of each level's kept weights that are exactly
+zero (`summary`'s `zero_share`: capacity held but unused, dead units). Step
+time over plain Keras is `benchmarks/training_cost.py`'s figure.
 
 Configurations (offline): `digits` (the main job's digits CNN) and `mnist1d`
 (MNIST-1D generated locally, the 1-D CNN at half width). `cifar10` (ResNet-20)
@@ -86,13 +88,13 @@ RUNS = (
 )
 
 
-def _reactivations(workdir: str) -> list[int]:
+def _level_summary(workdir: str) -> list[dict]:
     import keras
 
     import elsa_tf
 
     model = keras.saving.load_model(os.path.join(workdir, "model.keras"))
-    return [int(row["reactivations"]) for row in elsa_tf.summary(model)]
+    return elsa_tf.summary(model)
 
 
 def run_config(
@@ -123,10 +125,14 @@ def run_config(
                 report = run.train_and_evaluate(config, directory, verbose=0)
             else:
                 report = _train_with_carry(config, directory, carry_option)
+            rows = _level_summary(directory)
             per_seed[label] = {
                 "accuracy": [row["accuracy"] for row in report["levels"]],
                 "seconds": report["training_seconds"]["elsa"],
-                "reactivations": _reactivations(directory),
+                "reactivations": [int(row["reactivations"]) for row in rows],
+                # Kept weights that are exactly zero: capacity a level holds
+                # but does not use (dead units).
+                "zero_share": [float(row["zero_share"]) for row in rows],
                 "baselines": {
                     b: {
                         "accuracy": [
@@ -196,6 +202,12 @@ def summarize(result: dict) -> dict:
                     [100 * (e[k] - o[k]) for e, o in zip(elsa, columns[other])]
                 )
         row["dpf_reactivations"] = _stats([r["dpf"]["reactivations"][k] for r in runs])
+        row["gradual_magnitude_zero_share"] = _stats(
+            [
+                100 * r["gradual_magnitude"].get("zero_share", [np.nan] * num_levels)[k]
+                for r in runs
+            ]
+        )
         levels.append(row)
 
     def seconds_of(label, baseline=None):
@@ -241,9 +253,10 @@ def format_table(name: str, result: dict) -> str:
         "| level | sparsity | ELSA gradual | independent gradual | ELSA DPF "
         "| independent DPF | tfmot | ELSA gradual − independent | ELSA DPF − "
         "independent | ELSA gradual − tfmot | ELSA DPF − tfmot | DPF reactivations "
+        "| ELSA gradual zero weights (%) "
         + "".join(f"| {c[5:]} " for c in carry_cols)
         + "|",
-        "|" + "---:|" * (12 + len(carry_cols)),
+        "|" + "---:|" * (13 + len(carry_cols)),
     ]
     for r in s["levels"]:
         cells = [cell(r[c]) for c in ("elsa_gradual_magnitude",)]
@@ -259,6 +272,7 @@ def format_table(name: str, result: dict) -> str:
             )
         ]
         cells.append(f"{r['dpf_reactivations']['mean']:.0f}")
+        cells.append(f"{r['gradual_magnitude_zero_share']['mean']:.1f}")
         cells += [cell(r[c]) for c in carry_cols]
         lines.append(
             f"| {r['level']} | {r['sparsity']:.0%} | " + " | ".join(cells) + " |"

@@ -12,7 +12,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 _EXPORTS = {
     "embed": "elsa_tf.embedding",
@@ -34,6 +34,7 @@ _EXPORTS = {
     "Sparsifier": "elsa_tf.sparsifiers",
     "GradualMagnitude": "elsa_tf.sparsifiers",
     "DynamicPruningWithFeedback": "elsa_tf.sparsifiers",
+    "PolarizedGates": "elsa_tf.polarized_gates",
 }
 
 __all__ = sorted(_EXPORTS)

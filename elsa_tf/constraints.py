@@ -3,7 +3,7 @@
 The rule of every variable is the owning `ElsaModel`'s (`variable_rule`):
 a prunable weight's updates are projected onto the level being trained, a
 shared weight is frozen whole once level 0 is finished (unless
-`shared="per_level"`).
+`shared="per_level"`), channel gates take their own step, clamped to [0, 1].
 This module only finds the owner of a variable, since an optimizer is handed
 variables, not models: `ElsaModel` registers each variable it owns here.
 `FreezingOptimizer` asks `training_constraint` for each variable it is
@@ -17,17 +17,19 @@ import contextlib
 import contextvars
 import weakref
 
-from elsa_tf import levels
+from elsa_tf import gates, levels
 
 FROZEN = "frozen"
 FREE = "free"
+# The index `register` records for the gates of a gated sparsifier.
+GATE = "gate"
 
-# id(variable) -> (weak owner, index into its level maps, or None for a
-# shared weight). The optimizer only sees variables.
-_OWNERS: dict[int, tuple[weakref.ref, int | None]] = {}
+# id(variable) -> (weak owner, index into its level maps, None for a shared
+# weight, or GATE). The optimizer only sees variables.
+_OWNERS: dict[int, tuple[weakref.ref, int | str | None]] = {}
 
 
-def register(variable, owner, index: int | None) -> None:
+def register(variable, owner, index: int | str | None) -> None:
     """Records that `owner` (an `ElsaModel`) governs `variable`."""
     key = id(variable)
     _OWNERS[key] = (weakref.ref(owner), index)
@@ -55,13 +57,32 @@ class Projection:
         )
 
 
+class GateStep:
+    """The update of channel gates: not the inner optimizer's, but their own
+    projected gradient step, `clip(gamma - learning_rate * grad, 0, 1)`
+    (`gates.gate_step`), as Zhuang et al. train theirs with SGD.
+
+    Adam would scale every gate's step to about its learning rate whatever
+    the gradient's size, so the gates of a group, pushed alike by the share
+    penalty, would move in lockstep and cross the threshold together; with
+    plain steps the task's gradient keeps its weight in which gate gives way.
+    """
+
+    def __init__(self, learning_rate: float):
+        self.learning_rate = float(learning_rate)
+
+    def __call__(self, value, grad):
+        return gates.gate_step(value, grad, self.learning_rate)
+
+
 def training_constraint(variable):
     """How an optimizer step may change `variable`.
 
     Returns:
         `FREE` to update it freely (a shared weight still training),
         `FROZEN` to leave it untouched (a shared weight after level 0, except
-        under `shared="per_level"`), or a `Projection` for a prunable weight. The
+        under `shared="per_level"`), a `Projection` for a prunable weight, or
+        a `GateStep` for channel gates. The
         answer is fixed when a train step is traced; `LevelScheduler` and
         `elsa_tf.fit` retrace after every level.
 

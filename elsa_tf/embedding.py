@@ -175,8 +175,10 @@ def embed(
             the others are shared weights.
         sparsifier: how each level chooses its weights: a `Sparsifier`, or
             its name, `"gradual_magnitude"` (None, the default: gradual
-            magnitude pruning, as tfmot's) or `"dpf"` (Dynamic Pruning with
-            Feedback). See `elsa_tf.sparsifiers`.
+            magnitude pruning, as tfmot's), `"dpf"` (Dynamic Pruning with
+            Feedback) or `"polarized_gates"` (trained channel gates, with
+            `granularity="channel"` only; `elsa_tf.PolarizedGates`). See
+            `elsa_tf.sparsifiers`.
         selection: for a sparsifier given by name: `"lamp"` (the default:
             one ranking across all prunable weights of layer-adaptive
             scores, Lee et al. 2021, which never empties a layer: a

@@ -319,6 +319,14 @@ def open_map(level_map: np.ndarray, level: int) -> np.ndarray:
     return np.where(level_map == UNUSED, np.uint8(level), level_map).astype(np.uint8)
 
 
+def unused_units(kept: np.ndarray) -> np.ndarray:
+    """Where a kernel's units (its last axis) keep no weight, as a mask of
+    the kernel's shape: True on every entry of such a unit."""
+    kept = np.asarray(kept, bool)
+    unused = ~kept.reshape(-1, kept.shape[-1]).any(axis=0)
+    return np.broadcast_to(unused, kept.shape)
+
+
 def level_counts(level_map: np.ndarray, num_levels: int) -> np.ndarray:
     """Number of weights used by each level, as an int64 array of `num_levels`."""
     first_use = np.bincount(np.asarray(level_map).reshape(-1), minlength=256)

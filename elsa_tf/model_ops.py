@@ -97,6 +97,11 @@ def prune_to(model, sparsity, step=None) -> None:
     (`DynamicPruningWithFeedback`), whose pruned weights keep training and
     may come back at a later update (counted in `reactivations`).
 
+    A gated sparsifier (`PolarizedGates`) lets its gates choose while the
+    level trains: a mask update inside the level only sets the gates' target
+    (`gate_keep`), and the one at the level's end hardens them (the level
+    keeps the channels with the largest gates; see `_harden_gates`).
+
     Args:
         model: an embedded model.
         sparsity: the sparsity to reach over the prunable weights.
@@ -107,9 +112,13 @@ def prune_to(model, sparsity, step=None) -> None:
     k = o.current_level
     if k >= o.num_levels:
         raise ValueError("Every level is finished; there is nothing left to prune.")
-    values = [keras.ops.convert_to_numpy(v.value) for v in o.prunable_weights]
-    maps = [m.numpy() for m in o.level_maps]
     sparsifier = o.sparsifier
+    values = [keras.ops.convert_to_numpy(v.value) for v in o.prunable_weights]
+    if sparsifier.gated and step is not None:
+        o.gate_keep.assign(sparsifier.keep_shares(o.channel_codes(), k, sparsity))
+        o.gate_order.assign(sparsifier.channel_order(values, o.channel_layout))
+        return
+    maps = [m.numpy() for m in o.level_maps]
     if o.channel_layout is not None:
         kept = _kept_channel_elements(o, values, maps, k, sparsity, step)
     else:
@@ -138,6 +147,41 @@ def prune_to(model, sparsity, step=None) -> None:
         counts = o.reactivations.numpy()
         counts[k] += reactivated
         o.reactivations.assign(counts)
+    if sparsifier.gated:
+        _harden_gates(o, maps, k)
+
+
+def _harden_gates(o, maps_before, level: int) -> None:
+    """Sets the gates to the level just pruned at its end: 1 for the channels
+    it keeps, 0 for the free ones it drops, so that the training forward pass
+    (BatchNormalization recalibration) computes the level's map.
+
+    First records how many gates were still undecided, once per level: a
+    second end-of-level update (`finish_level` after `LevelScheduler`'s) sees
+    the gates already set.
+    """
+    counts = o.undecided_gates.numpy()
+    if counts[level] < 0:
+        codes = channel_levels.channel_codes(maps_before, o.channel_layout)
+        counts[level] = o.sparsifier.undecided(
+            o.gates.numpy(), codes, level, o.sparsities[level]
+        )
+        o.undecided_gates.assign(counts)
+    codes = np.concatenate(o.channel_codes())
+    gamma = o.gates.numpy()
+    gamma[codes == level] = 1.0
+    gamma[codes > level] = 0.0  # dropped (UNUSED)
+    o.gates.assign(gamma)
+
+
+def _open_gates(o) -> None:
+    """A new level's gates: every one at its initial value, a target that
+    keeps every channel until the level's first mask update, and the order
+    of the channels it opens (fresh weights)."""
+    values = [keras.ops.convert_to_numpy(v.value) for v in o.prunable_weights]
+    o.gates.assign(np.full(o.gates.shape, o.sparsifier.initial_value, np.float32))
+    o.gate_keep.assign(np.ones(o.gate_keep.shape, np.float32))
+    o.gate_order.assign(o.sparsifier.channel_order(values, o.channel_layout))
 
 
 def _kept_channel_elements(o, values, maps, level, sparsity, step):
@@ -161,8 +205,15 @@ def _kept_channel_elements(o, values, maps, level, sparsity, step):
                 "granularity='channel'."
             )
     candidates = sparsifier.channel_candidates(codes, level, step)
+    options = {}
+    if sparsifier.gated:
+        offsets = np.cumsum([0] + [c.size for c in codes])
+        gamma = o.gates.numpy()
+        options["gates"] = [gamma[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     kept = channel_levels.check_kept(
-        sparsifier.select_channels(values, codes, layout, level, sparsity, step),
+        sparsifier.select_channels(
+            values, codes, layout, level, sparsity, step, **options
+        ),
         codes,
         candidates,
         level,
@@ -188,6 +239,11 @@ def channel_keep(model, level: int) -> dict[int, np.ndarray]:
 def finish_level(model) -> int:
     """Prunes the current level to its exact target, freezes it, opens the next.
 
+    The next level's free weights start from what the sparsifier says
+    (`Sparsifier.end_of_level_values`: zero by default), except the units
+    the finished level left unused, which start from their layer's
+    initializer (see `ElsaModel.finish_level`).
+
     Traced functions bake the level in: `model`'s own are dropped here; a
     custom training loop's step made with `elsa_tf.function` retraces by
     itself.
@@ -199,6 +255,8 @@ def finish_level(model) -> int:
     k = o.current_level
     prune_to(model, o.sparsities[k])
     o.finish_level()
+    if o.sparsifier.gated:
+        _open_gates(o)
     reset_compiled_functions(o)
     return k
 

@@ -5,6 +5,8 @@ decay all move a weight whose gradient is zero. So variables frozen whole are
 not passed to the inner optimizer at all, and a prunable weight is projected
 after each update (`ElsaModel` docs): frozen entries are written back from a
 copy taken just before, entries the level does not use go back to zero.
+Channel gates (`PolarizedGates`) take their own clamped gradient step
+(`constraints.GateStep`) instead of the inner optimizer's.
 """
 
 from __future__ import annotations
@@ -122,10 +124,13 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
-        updates, projected = [], []
+        updates, projected, own = [], [], []
         for g, v in zip(grads, trainable_variables):
             constraint = constraints.training_constraint(v)
             if constraint is constraints.FROZEN:
+                continue
+            if isinstance(constraint, constraints.GateStep):
+                own.append((g, v, constraint))  # not the inner optimizer's
                 continue
             updates.append((g, v))
             if constraint is not constraints.FREE:
@@ -135,6 +140,18 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
             self.inner_optimizer.apply(*map(list, zip(*updates)))
         for v, project, old in projected:
             v.assign(project(old, v.value))
+        own = [(g, v, step) for g, v, step in own if g is not None]
+        context = tf.distribute.get_replica_context()
+        if own and context is not None and context.num_replicas_in_sync > 1:
+            # Summed over the replicas, as the inner optimizer sums its own
+            # (Keras scales the loss by the global batch), so that every
+            # replica takes the same step.
+            grads = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, [g for g, _, _ in own]
+            )
+            own = [(g, v, step) for g, (_, v, step) in zip(grads, own)]
+        for g, v, step in own:
+            v.assign(step(v.value, g))
 
     @property
     def learning_rate(self):

@@ -9,8 +9,11 @@ class LevelSummary(list):
     """A list of per-level dicts that prints as a table.
 
     Rows that carry an `"accuracy"` (added by the caller after evaluating each
-    level) print it as a last column.
+    level) print it as a last column. A model with gates (`gated`) prints
+    each level's `undecided_gates` too.
     """
+
+    gated = False
 
     def __str__(self) -> str:
         with_accuracy = any("accuracy" in row for row in self)
@@ -19,6 +22,7 @@ class LevelSummary(list):
             f"{'level':>5}  {'target':>7}  {'achieved':>8}  {'kept':>10}  "
             f"{'of':>10}  {'zeros':>6}  {'react.':>7}  {'status':<8}"
             + ("  channels  weights" if with_channels else "")
+            + ("  undecided" if self.gated else "")
             + ("  accuracy" if with_accuracy else "")
         ]
         for row in self:
@@ -38,6 +42,7 @@ class LevelSummary(list):
                 f"{row['total']:>10,}  {row.get('zero_share', 0.0):>6.1%}  "
                 f"{row.get('reactivations', 0):>7,}  {row['status']:<8}"
                 + channels
+                + (f"  {row['undecided_gates']:>9,}" if self.gated else "")
                 + (f"  {accuracy:>8.2%}" if accuracy is not None else "")
             )
             for layer in row.get("layers", []):
@@ -55,7 +60,10 @@ def summary(model, per_layer: bool = False) -> LevelSummary:
     reports what it holds now. `zero_share` is the share of the level's kept
     weights that are exactly zero (capacity it holds but does not use), and
     `reactivations` counts the weights a sparsifier with feedback pruned and
-    later brought back during that level's training.
+    later brought back during that level's training. `undecided_gates`
+    counts, for a gated sparsifier (`PolarizedGates`), the gates that were
+    still strictly between 0.05 and 0.95 when the level was hardened (0 for
+    other sparsifiers and for levels not finished).
 
     Args:
         model: an embedded model.
@@ -64,8 +72,8 @@ def summary(model, per_layer: bool = False) -> LevelSummary:
     Returns:
         A `LevelSummary` (a list of dicts with keys `level`,
         `target_sparsity`, `achieved_sparsity`, `kept`, `total`,
-        `zero_share`, `reactivations`, `status` and, with `per_layer`,
-        `layers`; at channel granularity also `kept_channels`,
+        `zero_share`, `reactivations`, `undecided_gates`, `status` and,
+        with `per_layer`, `layers`; at channel granularity also `kept_channels`,
         `total_channels` and `achieved_channel_sparsity`, over the unpinned
         channel groups, which is what the target measures); `print()` it for
         a table.
@@ -86,7 +94,11 @@ def summary(model, per_layer: bool = False) -> LevelSummary:
             for level in range(len(sparsities))
         ]
         total_channels = sum(g.size for g in o.channel_layout)
+    undecided = [0] * len(sparsities)
     rows = LevelSummary()
+    if o.sparsifier.gated:
+        rows.gated = True
+        undecided = [max(int(n), 0) for n in o.undecided_gates.numpy()]
     for k, target in enumerate(sparsities):
         kept = sum(w["kept"][k] for w in weights)
         zeros = sum(w["zeros"][k] for w in weights)
@@ -98,6 +110,7 @@ def summary(model, per_layer: bool = False) -> LevelSummary:
             "total": total,
             "zero_share": zeros / kept if kept else 0.0,
             "reactivations": int(reactivations[k]),
+            "undecided_gates": undecided[k],
             "status": "finished"
             if k < current
             else ("training" if k == current else "pending"),

@@ -16,7 +16,7 @@ free weights it does not keep (`feedback`, `forward`), and may add a loss
 blocks, or whole channels) are options every sparsifier shares
 (`elsa_tf.selection`, `elsa_tf.channel_levels`).
 
-Two are built in:
+Three are built in:
 
 * `GradualMagnitude` (`"gradual_magnitude"`, the default): tfmot's gradual
   magnitude pruning. Pruned weights are set to zero and stay there.
@@ -24,6 +24,9 @@ Two are built in:
   and backward passes run on the masked weights, the gradient is applied to
   the dense ones, so pruned weights keep learning and come back when they
   grow.
+* `PolarizedGates` (`"polarized_gates"`, channel granularity only, in
+  `elsa_tf.polarized_gates`): trained channel gates with a polarization
+  regularizer, hardened at the level's end.
 
 A sparsifier of your own is a subclass; overriding `score` is often enough:
 
@@ -35,6 +38,7 @@ A sparsifier of your own is a subclass; overriding `score` is often enough:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import keras
@@ -89,7 +93,11 @@ class Sparsifier:
       zero and stay there; True if they keep training on the gradient of the
       masked model (`forward` then sees them);
     * `forward(weight, keep)`: the weight a training step computes with;
-    * `loss(weights, keeps)`: a loss added to training, or None.
+    * `loss(weights, keeps)`: a loss added to training, or None;
+    * `gated` (class attribute): True for a sparsifier whose channels are
+      chosen by gates the model holds and trains (`PolarizedGates`, which
+      documents the methods the model then calls); False (the default)
+      for every other.
 
     Every option is in `get_config`, so a saved model restores it; register
     a subclass with `keras.saving.register_keras_serializable`.
@@ -114,6 +122,7 @@ class Sparsifier:
     """
 
     feedback = False
+    gated = False
 
     def __init__(
         self,
@@ -377,8 +386,19 @@ class DynamicPruningWithFeedback(Sparsifier):
 _NAMES = {
     "gradual_magnitude": GradualMagnitude,
     "dpf": DynamicPruningWithFeedback,
+    # Defined in its own module, which imports this one: loaded when named.
+    "polarized_gates": "elsa_tf.polarized_gates.PolarizedGates",
 }
 NAMES = tuple(_NAMES)
+
+
+def _named(name: str):
+    """The sparsifier class registered under `name`, or None."""
+    cls = _NAMES.get(name)
+    if isinstance(cls, str):
+        module, _, attribute = cls.rpartition(".")
+        cls = getattr(importlib.import_module(module), attribute)
+    return cls
 
 
 def get(identifier, **options) -> Sparsifier:
@@ -414,7 +434,7 @@ def get(identifier, **options) -> Sparsifier:
             )
         return get(sparsifier, **options)
     if isinstance(identifier, str):
-        cls = _NAMES.get(identifier)
+        cls = _named(identifier)
         if cls is None:
             raise ValueError(
                 f"Unknown sparsifier {identifier!r}; use one of {NAMES} or a "

@@ -1,7 +1,7 @@
 r"""Train an embedded ELSA model from the command line.
 
 With no flags it runs offline: the small CNN on scikit-learn's bundled 8x8
-digits, five levels from 95% sparse to dense, then the TFLite export of every
+digits, five levels from 0.95 sparsity to dense, then the TFLite export of every
 level and the report (`report.md`, `report.json`, `report.png`) in --workdir.
 
     python examples/train.py

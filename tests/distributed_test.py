@@ -33,8 +33,12 @@ STEPS_PER_EPOCH = NUM_EXAMPLES // BATCH_SIZE
 RUNS = ("mlp_scheduler_sgd", "cnn_fit_adamw")
 # Two replicas average their gradients: the same math as one device, up to the
 # order of float additions. Observed: at most 1.2e-7 on weights and 2.7e-7 on
-# logits.
-CROSS_DEVICE_ATOL = 1e-5
+# logits, and 1.4e-5 on both since the dense level starts units that level 2
+# left unused from their initializers: AdamW divides each step by the root of
+# the squared gradients, which magnifies rounding where those fresh units'
+# gradients are still tiny. (A replica that missed an update differs by
+# about 0.1 to 1.)
+CROSS_DEVICE_ATOL = 1e-4
 
 
 def _mlp(keras):

@@ -22,13 +22,16 @@ OPTIMIZERS = {
         ("per_level", "gradual_magnitude"),
         ("per_level_statistics", "gradual_magnitude"),
         ("per_level_statistics", "dpf"),
+        # Channel granularity only: the gates are trained, frozen levels not.
+        ("per_level_statistics", "polarized_gates"),
     ],
 )
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_finished_level_predictions_never_change(optimizer, shared, sparsifier):
     x, y = image_data()
+    options = {"granularity": "channel"} if sparsifier == "polarized_gates" else {}
     model = elsa_tf.embed(
-        cnn_with_bn(), [0.8, 0.5, 0.0], shared=shared, sparsifier=sparsifier
+        cnn_with_bn(), [0.8, 0.5, 0.0], shared=shared, sparsifier=sparsifier, **options
     )
     snapshots, weights = [], []
     for level in range(3):

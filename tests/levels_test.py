@@ -229,3 +229,18 @@ def test_select_top_units_of_size_1_keeps_what_select_top_keeps():
             levels.select_top_units(scores, np.ones_like(scores), candidates, n_keep),
             levels.select_top(scores, candidates, n_keep),
         )
+
+
+def test_unused_units_marks_every_entry_of_a_unit_that_keeps_no_weight():
+    kept = np.array([[True, False, False], [False, False, True]])
+    np.testing.assert_array_equal(
+        levels.unused_units(kept),
+        [[False, True, False], [False, True, False]],
+    )
+    # A convolution kernel: the unit is the last axis, over all taps and inputs.
+    kernel = np.zeros((2, 2, 3, 4), bool)
+    kernel[1, 0, 2, 0] = kernel[0, 1, 0, 3] = True
+    unused = levels.unused_units(kernel)
+    assert unused.shape == kernel.shape
+    np.testing.assert_array_equal(unused[0, 0, 0], [False, True, True, False])
+    assert unused[..., 1].all() and not unused[..., 0].any()

@@ -353,6 +353,7 @@ def train_independent_elsa(
     seed: int,
     sparsifier: str = "gradual_magnitude",
     selection: str = sparsifiers.DEFAULT_SELECTION,
+    granularity: str = "weight",
     shared: str = "freeze",
     augment: bool = True,
     recalibration_data=None,
@@ -365,9 +366,10 @@ def train_independent_elsa(
     The paper's comparison: for each sparsity, seed with
     `keras.utils.set_random_seed(seed)` (the same initial weights and batch
     order as the ELSA run), `build()` a Keras 3 model, `elsa_tf.embed` it with
-    that one sparsity and ELSA's `selection`, `shared` and `schedule`, and
-    train it with `elsa_tf.fit` for `epochs` epochs. Evaluated and exported
-    (float32, `elsa_tf.export_tflite`) as an ELSA level is.
+    that one sparsity and ELSA's `sparsifier`, `selection`, `granularity`,
+    `shared` and `schedule`, and train it with `elsa_tf.fit` for `epochs`
+    epochs. Evaluated and exported (float32, `elsa_tf.export_tflite`) as an
+    ELSA level is.
 
     Args:
         build: makes a fresh, uncompiled Keras 3 model that outputs logits.
@@ -375,7 +377,7 @@ def train_independent_elsa(
             recalibration_data, verbose, on_start: as for `train_independent`.
         optimizer: zero-argument factory of Keras 3 optimizers.
         schedule: the `LevelSchedule` of the ELSA run.
-        sparsifier, selection, shared: as for `elsa_tf.embed`.
+        sparsifier, selection, granularity, shared: as for `elsa_tf.embed`.
         workdir: when given, each model's export goes to
             `workdir/baseline_elsa/level{k}/`.
 
@@ -403,6 +405,7 @@ def train_independent_elsa(
             [target],
             sparsifier=sparsifier,
             selection=selection,
+            granularity=granularity,
             shared=shared,
             schedule=schedule,
         )

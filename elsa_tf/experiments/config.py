@@ -14,11 +14,17 @@ import os
 from collections.abc import Sequence
 
 from elsa_tf import levels, sparsifiers
+from elsa_tf import selection as selection_lib
 from elsa_tf.experiments import datasets, optimizers, zoo
 
-SPARSIFIERS = ("gradual_magnitude", "dpf")
+SPARSIFIERS = ("gradual_magnitude", "dpf", "polarized_gates")
 SCHEDULES = ("polynomial_decay", "constant")
 SELECTIONS = ("lamp", "global", "per_layer")
+# The library's own vocabulary: "weight" (the default) or "channel".
+GRANULARITIES = selection_lib.GRANULARITIES
+# Sparsifiers that choose whole channels only, and the selections they take
+# (elsa_tf.PolarizedGates: its gates share one scale, so no "lamp").
+CHANNEL_ONLY = {"polarized_gates": ("per_layer", "global")}
 SHARED_MODES = ("freeze", "per_level_statistics", "per_level")
 QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
 # --baseline: models trained separately, one per level, to compare ELSA with;
@@ -28,6 +34,7 @@ BASELINES = ("independent", "independent_elsa")
 _SPARSIFIER_NAMES = {
     "gradual_magnitude": "gradual magnitude",
     "dpf": "dynamic pruning with feedback",
+    "polarized_gates": "polarized channel gates",
 }
 _SELECTION_NAMES = {
     "global": "global ranking",
@@ -100,6 +107,8 @@ def method(name: str, config: Config) -> str:
     """
     sparsifier = _SPARSIFIER_NAMES.get(config.sparsifier, config.sparsifier)
     selection = _SELECTION_NAMES.get(config.selection, config.selection)
+    if config.granularity == "channel":
+        selection = f"{selection}, whole channels"
     if name == "elsa":
         return f"ELSA ({sparsifier}, {selection}), one model for all levels"
     if name == "independent":
@@ -122,6 +131,27 @@ def required_modules(config: Config) -> dict[str, str]:
     elif config.dataset in datasets.TFDS_NAMES:
         modules["tensorflow_datasets"] = f"the {config.dataset} dataset"
     return modules
+
+
+def check_sparsifier_options(sparsifier: str, selection: str, granularity: str):
+    """Raises ValueError for a sparsifier that cannot take the selection or
+    granularity, naming the setting to change."""
+    _check_choice("sparsifier", sparsifier, SPARSIFIERS)
+    _check_choice("selection", selection, SELECTIONS)
+    _check_choice("granularity", granularity, GRANULARITIES)
+    selections = CHANNEL_ONLY.get(sparsifier)
+    if selections is None:
+        return
+    if granularity != "channel":
+        raise ValueError(
+            f"sparsifier {sparsifier!r} chooses whole channels: it needs "
+            f"granularity='channel'. Received: granularity={granularity!r}"
+        )
+    if selection not in selections:
+        raise ValueError(
+            f"sparsifier {sparsifier!r} takes selection in {list(selections)}. "
+            f"Received: selection={selection!r}"
+        )
 
 
 def check_positive_int(name: str, value) -> int:
@@ -208,6 +238,8 @@ class Config:
     schedule: str = "polynomial_decay"
     # The library's default (elsa_tf.sparsifiers.DEFAULT_SELECTION).
     selection: str = sparsifiers.DEFAULT_SELECTION
+    # The library's default: single weights.
+    granularity: str = "weight"
     shared: str = "freeze"
     # Re-estimate BatchNormalization statistics at the end of every level
     # (and of every baseline model): short levels otherwise freeze lagging
@@ -235,9 +267,8 @@ class Config:
         check_float("learning_rate", self.learning_rate, low=0.0, low_open=True)
         check_float("weight_decay", self.weight_decay, low=0.0, low_open=False)
         check_optimizer(self.optimizer, self.learning_rate, self.weight_decay)
-        _check_choice("sparsifier", self.sparsifier, SPARSIFIERS)
+        check_sparsifier_options(self.sparsifier, self.selection, self.granularity)
         _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("shared", self.shared, SHARED_MODES)
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
         object.__setattr__(self, "baseline", check_baselines(self.baseline))

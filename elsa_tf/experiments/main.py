@@ -91,7 +91,10 @@ flags.DEFINE_enum(
     _D.sparsifier,
     list(config_lib.SPARSIFIERS),
     "How each level is sparsified: gradual_magnitude (gradual magnitude "
-    "pruning, Zhu & Gupta) or dpf (Dynamic Pruning with Feedback, Lin et al.).",
+    "pruning, Zhu & Gupta), dpf (Dynamic Pruning with Feedback, Lin et al.) or "
+    "polarized_gates (trained channel gates with a polarization regularizer, "
+    "Zhuang et al.; needs --granularity=channel and --selection=per_layer or "
+    "global).",
 )
 flags.DEFINE_enum(
     "schedule",
@@ -107,6 +110,13 @@ flags.DEFINE_enum(
     "Rank weight magnitudes across all layers (global), within each layer "
     "(per_layer), or across all layers by layer-adaptive LAMP scores (lamp), "
     "which never empty a layer.",
+)
+flags.DEFINE_enum(
+    "granularity",
+    _D.granularity,
+    list(config_lib.GRANULARITIES),
+    "What a level keeps or drops: single weights (weight), or whole channels "
+    "(channel), so that each level is a narrower dense network.",
 )
 flags.DEFINE_enum(
     "shared",
@@ -223,6 +233,20 @@ def _model_fits_dataset(values):
 
 
 @flags.multi_flags_validator(
+    ["sparsifier", "selection", "granularity"],
+    message="--sparsifier does not take these settings.",
+)
+def _sparsifier_takes_settings(values):
+    try:
+        config_lib.check_sparsifier_options(
+            values["sparsifier"], values["selection"], values["granularity"]
+        )
+    except ValueError as e:
+        raise flags.ValidationError(str(e)) from None
+    return True
+
+
+@flags.multi_flags_validator(
     ["optimizer", "learning_rate", "weight_decay"],
     message="--optimizer does not take these settings.",
 )
@@ -252,6 +276,7 @@ def config_from_flags(base: config_lib.Config | None = None) -> config_lib.Confi
         "sparsifier": FLAGS.sparsifier,
         "schedule": FLAGS.schedule,
         "selection": FLAGS.selection,
+        "granularity": FLAGS.granularity,
         "shared": FLAGS.shared,
         "recalibrate_bn": FLAGS.recalibrate_bn,
         "augment": FLAGS.augment,

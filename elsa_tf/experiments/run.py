@@ -216,6 +216,7 @@ def _build(config: Config, data) -> keras.Model:
         config.sparsities,
         sparsifier=config.sparsifier,
         selection=config.selection,
+        granularity=config.granularity,
         shared=config.shared,
         schedule=elsa_tf.LevelSchedule(config.schedule),
     )
@@ -390,6 +391,7 @@ def run_baselines(
                 **common,
                 sparsifier=config.sparsifier,
                 selection=config.selection,
+                granularity=config.granularity,
                 shared=config.shared,
             )
     return rows

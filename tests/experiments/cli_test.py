@@ -95,6 +95,10 @@ def test_the_example_script_lists_the_same_flags():
     )
     assert "--[no]recalibrate_bn" in result.stdout
     assert "(default: 'float32')" in result.stdout
+    # absl formats the docstring with `%`: it must come out as written.
+    doc = (ROOT / "examples" / "train.py").read_text().split('"""')[1]
+    first_paragraph = " ".join(doc.split("\n\n")[1].split())
+    assert first_paragraph in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize(

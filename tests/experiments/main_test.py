@@ -117,6 +117,8 @@ def test_main_trains_on_mocked_tfds_data(tmp_path):
         ("--baseline=joint", "baseline must be one of .*Received: baseline='joint'"),
         ("--baseline=independent,independent", "names each baseline once"),
         ("--sparsifier=random", "flag --sparsifier=random: value should be one of"),
+        ("--granularity=block", "flag --granularity=block: value should be one of"),
+        ("--sparsifier=polarized_gates", "needs granularity='channel'"),
         ("--schedule=cosine", "flag --schedule=cosine: value should be one of"),
         ("--model=cnn1d", "model=cnn1d, dataset=digits: .*'cnn1d'.*\\(8, 8, 1\\)"),
         ("--epochs_per_level=two", "flag --epochs_per_level=two: "),
