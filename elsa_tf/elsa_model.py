@@ -63,6 +63,22 @@ from elsa_tf import selection as selection_lib
 from elsa_tf import sparsifiers as sparsifiers_lib
 
 SHARED_MODES = ("freeze", "per_level", "per_level_statistics")
+
+
+def default_shared(granularity: str) -> str:
+    """The `shared` mode a model gets when none is given.
+
+    `"freeze"` for single weights. `"per_level_statistics"` for whole
+    channels: a channel a level drops outputs a constant, so its frozen
+    normalization statistics would keep a variance near zero, and once a
+    later level gives it weights its output would be multiplied by about
+    `1 / sqrt(epsilon)` (on the digits CNN, magnitude channel levels fell to
+    63% and 61% under `"freeze"`, against 97% and 98% with per-level
+    statistics).
+    """
+    return "per_level_statistics" if granularity == "channel" else "freeze"
+
+
 SELECTIONS = selection_lib.SELECTIONS
 GRANULARITIES = selection_lib.GRANULARITIES
 
@@ -205,7 +221,8 @@ class ElsaModel(keras.Model):
             order, of the layers whose weights to prune. Indices, not names:
             Keras renames unnamed sublayers in every copy and every load.
         shared: how shared weights are kept: `"freeze"`, `"per_level"` or
-            `"per_level_statistics"` (see the module's docstring).
+            `"per_level_statistics"` (see the module's docstring); None for
+            `default_shared(granularity)`.
         schedule: the `LevelSchedule` (or its identifier) used inside a level.
         sparsifier: the `Sparsifier` (or its name) that picks the kept
             weights; None for `"gradual_magnitude"`.
@@ -222,7 +239,7 @@ class ElsaModel(keras.Model):
         inner_model,
         sparsities,
         prune=None,
-        shared: str = "freeze",
+        shared: str | None = None,
         schedule=None,
         sparsifier=None,
         selection: str | None = None,
@@ -236,7 +253,8 @@ class ElsaModel(keras.Model):
                 f"inner_model must be a keras.Model. Received: {inner_model!r}"
             )
         self.sparsities = levels.validate_sparsities(sparsities)
-        check_option("shared", shared, SHARED_MODES)
+        if shared is not None:
+            check_option("shared", shared, SHARED_MODES)
         if prune is not None:
             prune = list(prune) if not isinstance(prune, (str, bytes)) else prune
             if (
@@ -253,7 +271,6 @@ class ElsaModel(keras.Model):
                 )
             prune = sorted({int(p) for p in prune})
         self.prune = prune
-        self.shared = shared
         self.schedule = schedules.get(schedule)
         options = {"selection": selection} if selection is not None else {}
         if block_shape is not None:
@@ -261,6 +278,9 @@ class ElsaModel(keras.Model):
         if granularity is not None:
             options["granularity"] = granularity
         self.sparsifier = sparsifiers_lib.get(sparsifier, **options)
+        if shared is None:
+            shared = default_shared(self.granularity)
+        self.shared = shared
         if self.granularity == "channel" and self.prune is not None:
             raise ValueError(
                 "prune does not apply to granularity='channel', whose prunable "

@@ -150,7 +150,7 @@ def embed(
     sparsifier=None,
     selection: str | None = None,
     schedule=None,
-    shared: str = "freeze",
+    shared: str | None = None,
     block_shape: tuple[int, int] | None = None,
     granularity: str | None = None,
 ) -> keras.Model:
@@ -190,7 +190,9 @@ def embed(
         schedule: the pruning schedule inside each level: a `LevelSchedule`,
             `"polynomial_decay"` (the default), `"constant"`, or tfmot's
             `PolynomialDecay` / `ConstantSparsity` class.
-        shared: how non-prunable weights are kept. `"freeze"` (the default):
+        shared: how non-prunable weights are kept; None (the default) means
+            `"freeze"` for single weights and `"per_level_statistics"` at
+            `granularity="channel"` (`elsa_model.default_shared`). `"freeze"`:
             trained with level 0, then frozen (one copy, no storage cost).
             `"per_level_statistics"`: the same, except the statistics the
             model updates itself (BatchNormalization's moving mean and
@@ -250,7 +252,8 @@ def embed(
     """
     sparsities = levels_lib.validate_sparsities(sparsities)
     _check_model(model)
-    elsa_model.check_option("shared", shared, elsa_model.SHARED_MODES)
+    if shared is not None:
+        elsa_model.check_option("shared", shared, elsa_model.SHARED_MODES)
     options = {}
     if selection is not None:
         elsa_model.check_option("selection", selection, elsa_model.SELECTIONS)

@@ -431,3 +431,12 @@ def test_mobilenet_v2_smoke():
     kept = model_ops.channel_keep(model, 0)
     total = sum(g.size for g in model.channel_layout)
     assert sum(int(k.sum()) for k in kept.values()) == levels.keep_count(total, 0.5)
+
+
+def test_channel_levels_keep_normalization_statistics_per_level_by_default():
+    # A channel dropped at level 0 outputs a constant: frozen statistics would
+    # keep its variance near zero for the levels that give it weights.
+    assert embed("conv_bn_gap").shared == "per_level_statistics"
+    assert embed("conv_bn_gap", shared="freeze").shared == "freeze"
+    weights = elsa_tf.embed(MODELS["conv_bn_gap"](), SPARSITIES)
+    assert weights.shared == "freeze"

@@ -354,7 +354,7 @@ def train_independent_elsa(
     sparsifier: str = "gradual_magnitude",
     selection: str = sparsifiers.DEFAULT_SELECTION,
     granularity: str = "weight",
-    shared: str = "freeze",
+    shared: str | None = None,
     augment: bool = True,
     recalibration_data=None,
     workdir: str | None = None,

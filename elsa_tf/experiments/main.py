@@ -120,11 +120,12 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "shared",
-    _D.shared,
+    None,  # the library's default for the granularity
     list(config_lib.SHARED_MODES),
     "Biases and normalization weights: all trained with level 0 then frozen "
     "(freeze); the same, but normalization statistics kept per level "
-    "(per_level_statistics); or one copy of each per level (per_level).",
+    "(per_level_statistics); or one copy of each per level (per_level). "
+    "Unset: freeze, or per_level_statistics with --granularity=channel.",
 )
 flags.DEFINE_bool(
     "recalibrate_bn",

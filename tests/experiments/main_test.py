@@ -246,3 +246,11 @@ def test_main_trains_under_mirrored_strategy(tmp_path):
         [0.5, 0.0]
     )
     assert report["levels"][0]["tflite_bytes"] is None
+
+
+def test_shared_defaults_to_the_librarys_choice_for_the_granularity():
+    from elsa_tf.experiments.config import Config
+
+    assert Config().shared == "freeze"
+    assert Config(granularity="channel").shared == "per_level_statistics"
+    assert Config(granularity="channel", shared="freeze").shared == "freeze"
