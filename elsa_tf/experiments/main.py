@@ -233,32 +233,29 @@ def _model_fits_dataset(values):
     return True
 
 
-@flags.multi_flags_validator(
+def _cross_check(names: list[str], message: str, check) -> None:
+    """Registers a validator of flags that must agree, raising `check`'s
+    ValueError (which names the values) as absl's one-line error."""
+
+    @flags.multi_flags_validator(names, message=message)
+    def validate(values):
+        try:
+            check(*(values[name] for name in names))
+        except ValueError as e:
+            raise flags.ValidationError(str(e)) from None
+        return True
+
+
+_cross_check(
     ["sparsifier", "selection", "granularity"],
-    message="--sparsifier does not take these settings.",
+    "--sparsifier does not take these settings.",
+    config_lib.check_sparsifier_options,
 )
-def _sparsifier_takes_settings(values):
-    try:
-        config_lib.check_sparsifier_options(
-            values["sparsifier"], values["selection"], values["granularity"]
-        )
-    except ValueError as e:
-        raise flags.ValidationError(str(e)) from None
-    return True
-
-
-@flags.multi_flags_validator(
+_cross_check(
     ["optimizer", "learning_rate", "weight_decay"],
-    message="--optimizer does not take these settings.",
+    "--optimizer does not take these settings.",
+    config_lib.check_optimizer,
 )
-def _optimizer_takes_settings(values):
-    try:
-        config_lib.check_optimizer(
-            values["optimizer"], values["learning_rate"], values["weight_decay"]
-        )
-    except ValueError as e:
-        raise flags.ValidationError(str(e)) from None
-    return True
 
 
 def config_from_flags(base: config_lib.Config | None = None) -> config_lib.Config:
