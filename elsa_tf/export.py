@@ -287,6 +287,8 @@ STORAGE_REASONS = {
     "ops, which LiteRT's default XNNPACK delegate cannot prepare",
     "outputs_differ": "the sparse file's outputs differ from the dense file's",
     "slower": "the sparse file runs slower than the dense file",
+    "narrowed": "a physically narrowed channel level (granularity='channel') "
+    "holds no pruned zeros for sparse storage to leave out",
 }
 
 
@@ -363,6 +365,9 @@ PATCH_FALLBACKS = {
     "outputs_differ": "the patched file's outputs differ from the Keras "
     "model's at that level (as when a BatchNormalization feeds a pruned layer: "
     "the converter folds its shift into that layer's bias through the kernel)",
+    "narrowed": "a channel level (granularity='channel') is a physically "
+    "narrower network, whose tensors have other shapes than the densest "
+    "level's (elsa_tf.export_channels)",
 }
 # How close a patched file's outputs must be to the Keras level's, relative
 # to the largest output: the tolerance each exported file is held to (float16
@@ -676,6 +681,14 @@ def export_tflite(
     `PATCH_FALLBACKS`) say which. Exporting every level of a float32 model
     costs about one conversion plus a fraction of a second a level.
 
+    A model embedded with `granularity="channel"` is exported by
+    `elsa_tf.export_channels` instead: every level is `extract(model, level,
+    physical=True)`, a physically narrower network, converted on its own and
+    checked in the same way. Its rows also record `"kept_channels"`,
+    `"total_channels"`, `"parameters"` and `"widths"` (each producing layer's
+    units or filters), and no bundle is written (`"bundle"` is None and
+    `"bundle_note"` says why).
+
     Args:
         model: an embedded model (from `elsa_tf.embed` / `elsa_tf.fit`).
         out_dir: the directory to create.
@@ -713,7 +726,8 @@ def export_tflite(
             which one file cannot hold for every level (a level-0 model made
             from a dense-calibrated file agreed with its Keras model on 40% of
             top-1 labels here), so the manifest's `"bundle"` is None and says
-            why.
+            why; nor for a model embedded with `granularity="channel"`, whose
+            levels are narrower networks.
         overwrite: replace an existing non-empty `out_dir`.
         preprocessing: what to do to raw data before it is fed to the model,
             as JSON-serializable values (for example `{"scale": 1 / 255,
@@ -752,6 +766,12 @@ def export_tflite(
             f"out_dir {out_dir} exists and is not empty; pass overwrite=True to "
             f"replace it. Received: out_dir={out_dir!r}"
         )
+    # Imported here: export_channels builds on this module's checks.
+    from elsa_tf import export_channels
+
+    writer = (
+        export_channels.write if export_channels.is_channel_model(model) else _write
+    )
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".elsa_export_", dir=parent)
@@ -761,7 +781,7 @@ def export_tflite(
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
     try:
-        manifest = _write(
+        manifest = writer(
             model,
             staging,
             levels=levels,
@@ -918,18 +938,7 @@ def _write(
             row["accuracy"] = _accuracy(content, evaluation_data)
         rows.append(row)
 
-    manifest = {
-        "format": "elsa_tf.export",
-        "format_version": 1,
-        "elsa_tf_version": elsa_tf.__version__,
-        "model": model.name,
-        "quantization": name,
-        "num_levels": len(model_ops.sparsities(model)),
-        "levels": rows,
-        **signature,
-        "preprocessing": preprocessing,
-        "runtime_checked": runtime.name(),
-    }
+    manifest = manifest_of(model, name, rows, signature, preprocessing)
     if bundle and quantization == "int8":
         manifest["bundle"] = None
         manifest["bundle_note"] = (
@@ -951,7 +960,27 @@ def _write(
         content, manifest["bundle"] = _bundle(dense_files, levels, rows, name)
         with open(os.path.join(out_dir, BUNDLE_FILE), "wb") as f:
             f.write(content)
+    save_manifest(out_dir, manifest)
+    return manifest
+
+
+def manifest_of(model, name: str, rows, signature: dict, preprocessing) -> dict:
+    """The manifest's fields, but the bundle's, around the level rows."""
+    return {
+        "format": "elsa_tf.export",
+        "format_version": 1,
+        "elsa_tf_version": elsa_tf.__version__,
+        "model": model.name,
+        "quantization": name,
+        "num_levels": len(model_ops.sparsities(model)),
+        "levels": rows,
+        **signature,
+        "preprocessing": preprocessing,
+        "runtime_checked": runtime.name(),
+    }
+
+
+def save_manifest(out_dir, manifest: dict) -> None:
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
-    return manifest
