@@ -69,6 +69,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 from _output import write_json  # noqa: E402
+from _timing import interleaved_invoke_ms  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 MODELS = ("mobilenet_v2", "resnet20")
@@ -196,35 +197,8 @@ def time_files(contents: dict, x, *, threads, budget_s, rounds) -> dict:
         interpreter = Interpreter(model_content=content, num_threads=threads)
         interpreter.allocate_tensors()
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
-        for _ in range(5):  # XNNPACK packs weights and warms caches.
-            interpreter.invoke()
         interpreters[key] = interpreter
-    one_each = 0.0
-    for interpreter in interpreters.values():
-        start = time.perf_counter()
-        for _ in range(3):
-            interpreter.invoke()
-        one_each += (time.perf_counter() - start) / 3
-    repeats = int(np.clip(budget_s / (rounds * max(one_each, 1e-6)), 3, 5000))
-    keys = list(interpreters)
-    seconds = {key: [] for key in keys}
-    for r in range(rounds):
-        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            invoke, spent = interpreters[key].invoke, seconds[key]
-            for _ in range(repeats):
-                start = time.perf_counter()
-                invoke()
-                spent.append(time.perf_counter() - start)
-    out = {}
-    for key, values in seconds.items():
-        ms = np.asarray(values) * 1e3
-        out[key] = {
-            "median_ms": float(np.median(ms)),
-            "p10_ms": float(np.percentile(ms, 10)),
-            "p90_ms": float(np.percentile(ms, 90)),
-            "runs": len(ms),
-        }
-    return out
+    return interleaved_invoke_ms(interpreters, budget_s=budget_s, rounds=rounds)
 
 
 # -- one model -------------------------------------------------------------------------

@@ -92,6 +92,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 from _output import write_json
+from _timing import interleaved_invoke_ms
 from absl import app, flags, logging  # noqa: E402
 
 MODELS = ("cnn", "mobilenet_v2", "mlp")
@@ -305,36 +306,7 @@ def _interpreter(entry, x, threads):
 def _time_set(entries, x, *, threads, budget_s, rounds):
     """Median invoke times (ms) of every entry, timed in interleaved rounds."""
     interpreters = {key: _interpreter(e, x, threads) for key, e in entries.items()}
-    keys = list(interpreters)
-    for interpreter in interpreters.values():  # XNNPACK packs weights on first run
-        for _ in range(3):
-            interpreter.invoke()
-    one_each = 0.0
-    for interpreter in interpreters.values():
-        start = time.perf_counter()
-        for _ in range(3):
-            interpreter.invoke()
-        one_each += (time.perf_counter() - start) / 3
-    repeats = int(np.clip(budget_s / (rounds * max(one_each, 1e-6)), 3, 5000))
-    seconds = {key: [] for key in keys}
-    for r in range(rounds):
-        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            invoke = interpreters[key].invoke
-            times = seconds[key]
-            for _ in range(repeats):
-                start = time.perf_counter()
-                invoke()
-                times.append(time.perf_counter() - start)
-    out = {}
-    for key, values in seconds.items():
-        ms = np.asarray(values) * 1e3
-        out[key] = {
-            "median_ms": float(np.median(ms)),
-            "p10_ms": float(np.percentile(ms, 10)),
-            "p90_ms": float(np.percentile(ms, 90)),
-            "runs": len(ms),
-        }
-    return out
+    return interleaved_invoke_ms(interpreters, budget_s=budget_s, rounds=rounds)
 
 
 # -- checks and materialization -------------------------------------------------------
