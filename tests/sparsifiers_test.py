@@ -384,3 +384,62 @@ def test_lamp_never_empties_a_layer_that_global_ranking_empties():
     # Within a weight LAMP keeps the largest scores, as magnitude does.
     small = scores[1][kept["lamp"][1]].min()
     assert small >= scores[1][~kept["lamp"][1]].max()
+
+
+def _lamp_by_scores(scores, candidates, frozen, sparsity):
+    """LAMP as defined: `lamp_scores` of every candidate, one global ranking."""
+    free = [c & ~f for c, f in zip(candidates, frozen)]
+    lamp = [selection_lib.lamp_scores(np.square(s), c) for s, c in zip(scores, free)]
+    n_free = levels.free_keep_count(
+        sum(c.size for c in free), sum(int(f.sum()) for f in frozen), sparsity
+    )
+    keep = levels.select_top(
+        np.concatenate([s.reshape(-1) for s in lamp]),
+        np.concatenate([c.reshape(-1) for c in free]),
+        n_free,
+    )
+    sizes = np.cumsum([s.size for s in scores])[:-1]
+    return [
+        k.reshape(s.shape) | f for k, s, f in zip(np.split(keep, sizes), scores, frozen)
+    ]
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.6])
+def test_lamp_selection_equals_ranking_every_lamp_score(zeros):
+    # keep_sets scores only the smaller side of the cut; the kept sets must
+    # be those of ranking every candidate's LAMP score (no ties here but
+    # zeros, which the count settles), on both sides of the cut.
+    rng = np.random.default_rng(7)
+    compared = 0
+    for trial in range(60):
+        shapes = [tuple(rng.integers(1, 12, size=2)) for _ in range(3)]
+        scores = [
+            np.where(rng.random(s) < zeros, 0.0, rng.normal(size=s)) for s in shapes
+        ]
+        candidates = [rng.random(s) < 0.8 for s in shapes]
+        frozen = [(rng.random(s) < 0.2) & ~c for c, s in zip(candidates, shapes)]
+        sparsity = float(rng.random())
+        if any(not s[c & ~f].any() for s, c, f in zip(scores, candidates, frozen)):
+            # A layer whose candidates are all zero scores them all 1 (its
+            # best candidates), a tie with every other layer's best.
+            continue
+        compared += 1
+        got = selection_lib.keep_sets(
+            scores, candidates, frozen, sparsity, selection="lamp"
+        )
+        want = _lamp_by_scores(scores, candidates, frozen, sparsity)
+        assert sum(int(k.sum()) for k in got) == sum(int(k.sum()) for k in want)
+        for g, w, s in zip(got, want, scores):
+            # The same kept nonzero weights; zeros tie, only their count counts.
+            np.testing.assert_array_equal(g & (s != 0), w & (s != 0), str(trial))
+    assert compared >= 30
+
+
+def test_extreme_breaks_ties_by_position():
+    values = np.array([2.0, 1.0, 2.0, 0.0, 1.0, 0.0, 3.0])
+    # Stable ascending order: 3(0) 5(0) 1(1) 4(1) 0(2) 2(2) 6(3).
+    assert sorted(selection_lib._extreme(values, 3, largest=True)) == [0, 2, 6]
+    assert sorted(selection_lib._extreme(values, 2, largest=True)) == [2, 6]
+    assert sorted(selection_lib._extreme(values, 3, largest=False)) == [1, 3, 5]
+    assert sorted(selection_lib._extreme(values, 1, largest=False)) == [3]
+    assert sorted(selection_lib._extreme(values, 6, largest=True)) == [0, 1, 2, 4, 5, 6]
