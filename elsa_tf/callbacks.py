@@ -1,6 +1,7 @@
 """`LevelScheduler`: drives ELSA's levels from inside `model.fit`.
 
-Every `epochs_per_level` epochs make one level. Inside a level the tfmot
+Every `epochs_per_level` epochs make one level (or its entry for that level,
+when it is a list: `elsa_tf.budgets`). Inside a level the tfmot
 pruning schedule built by the model's `LevelSchedule` says, step by step,
 when to update the masks (or the sparsifier's `update_interval` does) and to
 which sparsity, and the model's `Sparsifier` says which weights; at the
@@ -16,14 +17,13 @@ import keras
 import numpy as np
 from absl import logging as absl_logging
 
-from elsa_tf import batch_norm, model_ops
+from elsa_tf import batch_norm, budgets, model_ops
 from elsa_tf import optimizer as optimizer_lib
 
 check_positive_int = model_ops.check_positive_int
 
 
-def check_epochs_per_level(epochs_per_level) -> int:
-    return check_positive_int("epochs_per_level", epochs_per_level)
+check_epochs_per_level = budgets.check_epochs_per_level
 
 
 def resolve_levels(model, levels) -> list[int]:
@@ -87,7 +87,10 @@ class LevelScheduler(keras.callbacks.Callback):
     level per `model.fit` call.
 
     Args:
-        epochs_per_level: epochs spent on each level.
+        epochs_per_level: epochs spent on each level: an int, or a list with
+            one entry per level of the model, sparsest first (see
+            `elsa_tf.budgets.front_loaded`). The level's pruning schedule
+            stretches over its own epochs.
         levels: the levels to train, consecutive from the model's current
             level; None trains every level left.
         steps_per_epoch: steps in an epoch, needed only when `fit` cannot
@@ -120,7 +123,7 @@ class LevelScheduler(keras.callbacks.Callback):
         self.epochs_per_level = check_epochs_per_level(epochs_per_level)
         self.levels = None if levels is None else list(levels)
         if steps_per_epoch is not None:
-            steps_per_epoch = check_epochs_per_level(steps_per_epoch)
+            steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
 
     def on_train_begin(self, logs=None):
@@ -132,6 +135,10 @@ class LevelScheduler(keras.callbacks.Callback):
                 f"Received: optimizer={model.optimizer!r}"
             )
         self._levels = resolve_levels(model, self.levels)
+        epochs = budgets.level_epochs(
+            self.epochs_per_level, len(model_ops.sparsities(model))
+        )
+        self._level_epochs = [epochs[level] for level in self._levels]
         steps = self.steps_per_epoch or (self.params or {}).get("steps")
         if not steps:
             raise ValueError(
@@ -139,8 +146,8 @@ class LevelScheduler(keras.callbacks.Callback):
                 "steps_per_epoch to it (and to fit). Received: steps_per_epoch=None"
             )
         self._steps = int(steps)
-        self._epoch = 0
-        self._offset = None  # set by the first epoch
+        self._position = None  # index into self._levels; set by the first epoch
+        self._epoch_in_level = 0
         self._prune_at = {}
         # The FreezingOptimizer checked above keeps unused weights at zero, so
         # the model may train on its raw weights (no mask in the step).
@@ -151,25 +158,39 @@ class LevelScheduler(keras.callbacks.Callback):
         model_ops.set_raw_training(self.model, False)
         model_ops.reset_compiled_functions(self.model)
 
-    def _level_index(self):
-        return (self._epoch - self._offset) // self.epochs_per_level
+    def _first_epoch_in_level(self, epoch: int) -> int:
+        """Where fit's first epoch falls in the first level trained.
+
+        `initial_epoch` resumes an interrupted run. With one int, the epochs
+        of every level are alike and the first epoch is `epoch %
+        epochs_per_level` into the model's current level, whatever the
+        epochs were counted from. With a list, fit's epochs count from the
+        start of the current level.
+        """
+        first = self._level_epochs[0]
+        if isinstance(self.epochs_per_level, int):
+            return epoch % first
+        if epoch >= first:
+            raise ValueError(
+                f"model.fit starts at epoch {epoch}, but level {self._levels[0]} "
+                f"trains for {first} epochs: with a list epochs_per_level, "
+                "fit's epochs count from the start of the model's current "
+                f"level. Received: initial_epoch={epoch}"
+            )
+        return epoch
 
     def on_epoch_begin(self, epoch, logs=None):
-        first = self._offset is None
+        first = self._position is None
         if first:
-            # fit's `initial_epoch` resumes an interrupted run: the epoch it
-            # starts at falls in the model's current level (the first to
-            # train), `initial_epoch % epochs_per_level` epochs into it.
-            self._offset = epoch - epoch % self.epochs_per_level
+            self._position = 0
+            self._epoch_in_level = self._first_epoch_in_level(epoch)
             self._check_epochs(epoch)
-        self._epoch = epoch
-        if self._level_index() >= len(self._levels):
+        if self._position >= len(self._levels):
             self.model.stop_training = True
             return
-        self._epoch_in_level = self._epoch % self.epochs_per_level
         if self._epoch_in_level == 0 or first:
             self._start_level(
-                self._levels[self._level_index()], fresh=self._epoch_in_level == 0
+                self._levels[self._position], fresh=self._epoch_in_level == 0
             )
 
     def _check_epochs(self, initial_epoch: int) -> None:
@@ -177,16 +198,20 @@ class LevelScheduler(keras.callbacks.Callback):
         epochs = (self.params or {}).get("epochs")
         if epochs is None:
             return
-        needed = len(self._levels) * self.epochs_per_level - (
-            initial_epoch % self.epochs_per_level
-        )
+        done_before = self._epoch_in_level
+        needed = sum(self._level_epochs) - done_before
         given = epochs - initial_epoch
         if given < needed:
-            done = given + initial_epoch % self.epochs_per_level
-            level = self._levels[done // self.epochs_per_level]
+            # The level the run stops in, and how far into it.
+            into = given + done_before
+            position = 0
+            while into >= self._level_epochs[position]:
+                into -= self._level_epochs[position]
+                position += 1
+            level = self._levels[position]
             warnings.warn(
-                f"model.fit(epochs={epochs}) ends {done % self.epochs_per_level} "
-                f"of {self.epochs_per_level} epochs into level {level}: that "
+                f"model.fit(epochs={epochs}) ends {into} of "
+                f"{self._level_epochs[position]} epochs into level {level}: that "
                 "level is left unfinished (not pruned to its target, not "
                 f"frozen). Train levels {self._levels} with epochs="
                 f"{initial_epoch + needed}, or resume it later with "
@@ -210,7 +235,7 @@ class LevelScheduler(keras.callbacks.Callback):
         if fresh:
             # A resumed level keeps the optimizer state it was saved with.
             model.optimizer.reset()
-        level_steps = self.epochs_per_level * self._steps
+        level_steps = self._level_epochs[self._position] * self._steps
         self._prune_at = model_ops.mask_update_steps(model, level, level_steps)
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -220,8 +245,10 @@ class LevelScheduler(keras.callbacks.Callback):
             model_ops.prune_to(self.model, sparsity, step)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._epoch = epoch + 1
-        if self._epoch % self.epochs_per_level == 0:
+        if self._position is None or self._position >= len(self._levels):
+            return
+        self._epoch_in_level += 1
+        if self._epoch_in_level == self._level_epochs[self._position]:
             level = model_ops.current_level(self.model)
             # The level's final masks first, so that the statistics are
             # re-estimated for the weights it keeps.
@@ -230,7 +257,9 @@ class LevelScheduler(keras.callbacks.Callback):
                 batch_norm.recalibrate_batch_norm(self.model, self.recalibration_data)
             model_ops.finish_level(self.model)
             model_ops.reset_compiled_functions(self.model, in_fit=True)
-            if self._level_index() >= len(self._levels):
+            self._position += 1
+            self._epoch_in_level = 0
+            if self._position >= len(self._levels):
                 self.model.stop_training = True
 
     def get_config(self):

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from elsa_tf import callbacks, model_ops
+from elsa_tf import budgets, callbacks, model_ops
 from elsa_tf import optimizer as optimizer_lib
 
 
@@ -52,7 +52,7 @@ def fit(
     x=None,
     y=None,
     *,
-    epochs_per_level: int,
+    epochs_per_level: int | list[int],
     optimizer,
     loss,
     metrics=None,
@@ -64,7 +64,7 @@ def fit(
     """Trains the levels of an embedded model in order, sparsest first.
 
     Each level is compiled with a fresh copy of `optimizer` wrapped in a
-    `FreezingOptimizer`, trained for `epochs_per_level` epochs under a
+    `FreezingOptimizer`, trained for its `epochs_per_level` epochs under a
     `LevelScheduler`, then frozen. Training can be split across calls:
     `fit(..., levels=[0])` then `fit(..., levels=[1, 2])` trains the same
     way as one call.
@@ -73,7 +73,13 @@ def fit(
         model: a model returned by `elsa_tf.embed`.
         x: inputs, anything `keras.Model.fit` accepts.
         y: targets, or None when `x` yields them.
-        epochs_per_level: epochs spent on each level.
+        epochs_per_level: epochs spent on each level: an int, or a list with
+            one entry per level of the model, sparsest first. Later levels
+            start from the level before them and need fewer epochs:
+            `elsa_tf.budgets.front_loaded(epochs, num_levels)` gives the
+            sparsest level the epochs of one separately trained model and
+            the later ones less. Each level's pruning schedule stretches
+            over its own epochs.
         optimizer: a Keras optimizer (a fresh copy is used for each level),
             its name as for `compile` (`"adam"`), or a zero-argument factory
             that returns one.
@@ -108,12 +114,15 @@ def fit(
             `epochs_per_level` is invalid.
         TypeError: if `optimizer` is neither an optimizer nor a factory.
     """
-    model_ops.owner(model)  # Raises for a model that is not embedded.
-    epochs_per_level = callbacks.check_epochs_per_level(epochs_per_level)
+    num_levels = len(model_ops.owner(model).sparsities)  # Raises if not embedded.
+    level_epochs = budgets.level_epochs(epochs_per_level, num_levels)
     levels = callbacks.resolve_levels(model, levels)
     make_optimizer = _optimizer_factory(optimizer)
     model_ops.check_int_below(
-        "initial_epoch", initial_epoch, "epochs_per_level", epochs_per_level
+        "initial_epoch",
+        initial_epoch,
+        f"the epochs of level {levels[0]}",
+        level_epochs[levels[0]],
     )
     optimizer_now = getattr(model, "optimizer", None)
     if initial_epoch and not isinstance(optimizer_now, optimizer_lib.FreezingOptimizer):
@@ -164,7 +173,7 @@ def fit(
             model.fit(
                 x,
                 y,
-                epochs=epochs_per_level,
+                epochs=level_epochs[level],
                 initial_epoch=start,
                 callbacks=[scheduler, *user_callbacks],
                 **fit_kwargs,

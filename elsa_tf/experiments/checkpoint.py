@@ -74,31 +74,33 @@ class Checkpointer(keras.callbacks.Callback):
 
     Args:
         directory: where checkpoints go.
-        epochs_per_level: epochs in a level.
         epochs: epochs done before this run (a resumed run's count).
         train_seconds: training time before this run.
     """
 
-    def __init__(self, directory, epochs_per_level: int, epochs=0, train_seconds=0.0):
+    def __init__(self, directory, epochs=0, train_seconds=0.0):
         super().__init__()
         self.directory = os.fspath(directory)
-        self.epochs_per_level = epochs_per_level
         self.epochs = epochs
         self.train_seconds = train_seconds
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
+        self._level = model_ops.current_level(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
         # Saving is not training time: the clock stops before it.
         self.train_seconds += time.perf_counter() - self._start
         self.epochs += 1
+        level = model_ops.current_level(self.model)
         save(
             self.model,
             self.directory,
             {
-                "level": model_ops.current_level(self.model),
-                "epoch_in_level": (epoch + 1) % self.epochs_per_level,
+                "level": level,
+                # elsa_tf.fit counts each level's epochs from 0; a level that
+                # has just finished leaves the next one at its start.
+                "epoch_in_level": epoch + 1 if level == self._level else 0,
                 "epochs": self.epochs,
                 "train_seconds": self.train_seconds,
             },

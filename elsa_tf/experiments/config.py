@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from elsa_tf import levels, sparsifiers
+from elsa_tf import budgets, levels, sparsifiers
 from elsa_tf import selection as selection_lib
 from elsa_tf.elsa_model import default_shared
 from elsa_tf.experiments import datasets, optimizers, zoo
@@ -161,6 +161,42 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_epochs_flag(values) -> int | tuple[int, ...]:
+    """`--epochs_per_level`'s strings as one int, or a tuple, one per level.
+
+    Raises:
+        ValueError: for an entry that is not a positive int, naming the flag.
+    """
+    if isinstance(values, str):
+        values = values.split(",")
+    try:
+        parsed = [int(str(v).strip()) for v in values]
+    except ValueError:
+        parsed = None
+    if not parsed or min(parsed) < 1:
+        raise ValueError(
+            "--epochs_per_level must be one positive int, or one per level "
+            f"separated by commas. Received: {','.join(map(str, values))!r}"
+        )
+    return parsed[0] if len(parsed) == 1 else tuple(parsed)
+
+
+def check_epochs_fit_levels(epochs_flag, sparsities_flag) -> None:
+    """`--epochs_per_level` as a list has one entry per level of
+    `--sparsities` (each flag's own validator checks its values)."""
+    try:
+        budget = check_epochs_flag(epochs_flag)
+        num_levels = len(check_sparsities([float(s) for s in sparsities_flag]))
+    except ValueError:
+        return
+    if isinstance(budget, tuple) and len(budget) != num_levels:
+        raise ValueError(
+            f"--epochs_per_level has {len(budget)} entries for {num_levels} "
+            "levels (--sparsities); give one number, or one per level. "
+            f"Received: --epochs_per_level={','.join(map(str, budget))}"
+        )
+
+
 def check_float(name: str, value, *, low: float, low_open: bool, high=None) -> float:
     """A finite float in (low, high] or [low, high]."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -230,7 +266,8 @@ class Config:
     sparsities: tuple[float, ...] = (0.95, 0.9, 0.75, 0.5, 0.0)
     # 15 epochs per level: the digits CNN's sparsest level needs them for its
     # BatchNormalization statistics to settle (8 epochs: 81% at 95% sparsity).
-    epochs_per_level: int = 15
+    # Or one entry per level, sparsest first (elsa_tf.budgets).
+    epochs_per_level: int | tuple[int, ...] = 15
     batch_size: int = 64
     optimizer: str = "adam"
     learning_rate: float = 3e-3
@@ -264,7 +301,14 @@ class Config:
         check_model(self.model)
         check_float("width", self.width, low=0.0, low_open=True)
         object.__setattr__(self, "sparsities", check_sparsities(self.sparsities))
-        check_positive_int("epochs_per_level", self.epochs_per_level)
+        budget = budgets.check_epochs_per_level(
+            self.epochs_per_level, len(self.sparsities)
+        )
+        object.__setattr__(
+            self,
+            "epochs_per_level",
+            budget if isinstance(budget, int) else tuple(budget),
+        )
         check_positive_int("batch_size", self.batch_size)
         _check_choice("optimizer", self.optimizer, optimizers.OPTIMIZERS)
         check_float("learning_rate", self.learning_rate, low=0.0, low_open=True)
@@ -286,9 +330,15 @@ class Config:
         """This config with `model="auto"` replaced by the dataset's model."""
         return dataclasses.replace(self, model=resolve_model(self.model, self.dataset))
 
+    def level_epochs(self) -> list[int]:
+        """The epochs of every level, sparsest first."""
+        return budgets.level_epochs(self.epochs_per_level, len(self.sparsities))
+
     def to_dict(self) -> dict:
         config = dataclasses.asdict(self)
         config["sparsities"] = list(self.sparsities)
+        if not isinstance(self.epochs_per_level, int):
+            config["epochs_per_level"] = list(self.epochs_per_level)
         config["baseline"] = list(self.baseline)
         return config
 

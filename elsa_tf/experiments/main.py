@@ -72,8 +72,11 @@ flags.DEFINE_list(
     [str(s) for s in _D.sparsities],
     "Level sparsities in [0, 1), strictly decreasing: level 0 is the sparsest.",
 )
-flags.DEFINE_integer(
-    "epochs_per_level", _D.epochs_per_level, "Epochs per level (>= 1)."
+flags.DEFINE_list(
+    "epochs_per_level",
+    [str(_D.epochs_per_level)],
+    "Epochs per level (>= 1): one number for every level, or one per level, "
+    "sparsest first (e.g. 6,3,2,1: elsa_tf.budgets.front_loaded).",
 )
 flags.DEFINE_integer("batch_size", _D.batch_size, "Training batch size (>= 1).")
 flags.DEFINE_enum(
@@ -209,7 +212,7 @@ for _name, _check in {
     "dataset": config_lib.check_dataset,
     "width": _number("width", low=0.0, low_open=True),
     "sparsities": config_lib.check_sparsities,
-    "epochs_per_level": _int("epochs_per_level"),
+    "epochs_per_level": lambda v: config_lib.check_epochs_flag(v),
     "batch_size": _int("batch_size"),
     "learning_rate": _number("learning_rate", low=0.0, low_open=True),
     "weight_decay": _number("weight_decay", low=0.0, low_open=False),
@@ -247,6 +250,11 @@ def _cross_check(names: list[str], message: str, check) -> None:
 
 
 _cross_check(
+    ["epochs_per_level", "sparsities"],
+    "--epochs_per_level needs one entry per level of --sparsities.",
+    config_lib.check_epochs_fit_levels,
+)
+_cross_check(
     ["sparsifier", "selection", "granularity"],
     "--sparsifier does not take these settings.",
     config_lib.check_sparsifier_options,
@@ -266,7 +274,7 @@ def config_from_flags(base: config_lib.Config | None = None) -> config_lib.Confi
         "model": FLAGS.model,
         "width": FLAGS.width,
         "sparsities": tuple(float(s) for s in FLAGS.sparsities),
-        "epochs_per_level": FLAGS.epochs_per_level,
+        "epochs_per_level": config_lib.check_epochs_flag(FLAGS.epochs_per_level),
         "batch_size": FLAGS.batch_size,
         "optimizer": FLAGS.optimizer,
         "learning_rate": FLAGS.learning_rate,
@@ -316,7 +324,7 @@ def _stopped_at(workdir: str, config: config_lib.Config) -> str:
         )
     return (
         f"in level {state['level']} of {num_levels}, after epoch "
-        f"{state['epoch_in_level']} of {config.epochs_per_level}"
+        f"{state['epoch_in_level']} of {config.level_epochs()[state['level']]}"
     )
 
 

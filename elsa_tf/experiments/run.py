@@ -237,16 +237,17 @@ def train(
         else:
             model = checkpoint.load(state)
             if verbose:
-                print(
-                    f"Resuming from {state['path']}: level {state['level']} of "
-                    f"{num_levels}, {state['epoch_in_level']} of "
-                    f"{config.epochs_per_level} epochs into it.",
-                    flush=True,
+                where = (
+                    f"level {state['level']} of {num_levels}, "
+                    f"{state['epoch_in_level']} of "
+                    f"{config.level_epochs()[state['level']]} epochs into it"
+                    if state["level"] < num_levels
+                    else f"all {num_levels} levels trained"
                 )
+                print(f"Resuming from {state['path']}: {where}.", flush=True)
         if state["level"] < num_levels:
             checkpointer = checkpoint.Checkpointer(
                 directory,
-                config.epochs_per_level,
                 epochs=state["epochs"],
                 train_seconds=state["train_seconds"],
             )
@@ -368,7 +369,9 @@ def run_baselines(
             ),
             dataset=data,
             sparsities=config.sparsities,
-            epochs=config.epochs_per_level,
+            # As long as ELSA's longest level (its sparsest, for a front-loaded
+            # budget): each baseline model trains from scratch.
+            epochs=max(config.level_epochs()),
             batch_size=config.batch_size,
             optimizer=optimizers.factory(
                 config.optimizer,

@@ -100,7 +100,12 @@ def test_main_trains_on_mocked_tfds_data(tmp_path):
 @pytest.mark.parametrize(
     "flag, message",
     [
-        ("--epochs_per_level=0", "flag --epochs_per_level=0: .*Received: "),
+        ("--epochs_per_level=0", r"flag --epochs_per_level=\['0'\]: .*Received: '0'"),
+        ("--epochs_per_level=3,0", r"one per level.*Received: '3,0'"),
+        (
+            "--epochs_per_level=3,1",
+            "2 entries for 5 levels.*Received: --epochs_per_level=3,1",
+        ),
         ("--batch_size=-3", "flag --batch_size=-3: .*Received: batch_size=-3"),
         ("--sparsities=0.5,0.9", "strictly decreasing.*sparsities=\\[0.5, 0.9\\]"),
         ("--sparsities=0.9,x", "must be numbers.*'x'"),
@@ -121,7 +126,7 @@ def test_main_trains_on_mocked_tfds_data(tmp_path):
         ("--sparsifier=polarized_gates", "needs granularity='channel'"),
         ("--schedule=cosine", "flag --schedule=cosine: value should be one of"),
         ("--model=cnn1d", "model=cnn1d, dataset=digits: .*'cnn1d'.*\\(8, 8, 1\\)"),
-        ("--epochs_per_level=two", "flag --epochs_per_level=two: "),
+        ("--epochs_per_level=two", r"flag --epochs_per_level=\['two'\]: "),
         ("--weight_decay=0.1", "optimizer=adam.*weight_decay=0.1: .*adamw"),
     ],
 )
