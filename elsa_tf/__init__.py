@@ -35,6 +35,9 @@ _EXPORTS = {
     "GradualMagnitude": "elsa_tf.sparsifiers",
     "DynamicPruningWithFeedback": "elsa_tf.sparsifiers",
     "PolarizedGates": "elsa_tf.polarized_gates",
+    "DataSieve": "elsa_tf.sieving_data",
+    "SievingCallback": "elsa_tf.sieving_data",
+    "front_loaded": "elsa_tf.budgets",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from elsa_tf import budgets, callbacks, model_ops
+from elsa_tf import budgets, callbacks, model_ops, sieving_data
 from elsa_tf import optimizer as optimizer_lib
 
 
@@ -59,6 +59,7 @@ def fit(
     levels=None,
     initial_epoch: int = 0,
     recalibration_data="auto",
+    sieving=None,
     **fit_kwargs,
 ) -> list:
     """Trains the levels of an embedded model in order, sparsest first.
@@ -103,6 +104,15 @@ def fit(
             ELSA trailed separately pruned models by 1.5 to 2.6 points, with
             it by at most 0.9 (issue 10). Models without BatchNormalization
             are not affected.
+        sieving: None, or an `elsa_tf.DataSieve`: SpFDE's circular data
+            sieving (`elsa_tf.sieving_data`). Each epoch trains on all but a
+            held-out share of the examples; every `interval` epochs the
+            easiest of them (the fewest forgetting events) swap with the
+            held-out queue's head. `x` and `y` must be arrays, or `x` a finite
+            `tf.data.Dataset` of unbatched `(x, y)` examples in a fixed order;
+            `batch_size` and `shuffle` apply to the sieved data. The sieve
+            carries on across levels; each level's history holds the examples
+            of every epoch (`history.history["examples"]`). Off by default.
         **fit_kwargs: passed to `keras.Model.fit` (`batch_size`,
             `validation_data`, `callbacks`, `steps_per_epoch`, ...).
 
@@ -144,6 +154,23 @@ def fit(
             )
         recalibration_data = _training_inputs(x, fit_kwargs.get("steps_per_epoch"))
     user_callbacks = list(fit_kwargs.pop("callbacks", None) or [])
+    if sieving is not None:
+        if not isinstance(sieving, sieving_data.DataSieve):
+            raise TypeError(
+                "sieving must be an elsa_tf.DataSieve or None. Received: "
+                f"sieving={sieving!r}"
+            )
+        sieve = sieving_data.SievingCallback(sieving)
+        batch_size = fit_kwargs.pop("batch_size", None) or 32
+        if isinstance(recalibration_data, tf.data.Dataset) and recalibration_data is x:
+            # Examples, not batches: statistics are re-estimated on batches.
+            recalibration_data = x.batch(batch_size)
+        x = sieve.dataset(
+            x, y, batch_size=batch_size, shuffle=fit_kwargs.pop("shuffle", True)
+        )
+        fit_kwargs["shuffle"] = False  # the sieved dataset shuffles itself
+        y = None
+        user_callbacks.insert(0, sieve)
     histories = []
     for i, level in enumerate(levels):
         start = initial_epoch if i == 0 else 0
