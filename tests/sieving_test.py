@@ -540,3 +540,15 @@ def test_elsa_fit_names_a_bad_sieving():
         elsa_tf.fit(
             model, x, y, epochs_per_level=1, optimizer="adam", loss=LOSS, sieving=0.2
         )
+
+
+def test_cli_config_sieving_options():
+    from elsa_tf.experiments import config as config_lib
+
+    config = config_lib.Config(sieving_share=0.2, sieving_interval=2)
+    assert config_lib.Config.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="augment=False"):
+        config_lib.Config(dataset="cifar10", sieving_share=0.2)
+    config_lib.Config(dataset="cifar10", sieving_share=0.2, augment=False)
+    with pytest.raises(ValueError, match="share=-0.1"):
+        config_lib.Config(sieving_share=-0.1)

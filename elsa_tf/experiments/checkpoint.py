@@ -76,13 +76,17 @@ class Checkpointer(keras.callbacks.Callback):
         directory: where checkpoints go.
         epochs: epochs done before this run (a resumed run's count).
         train_seconds: training time before this run.
+        examples: the examples of each epoch before this run, when data
+            sieving logged them (`logs["examples"]`).
     """
 
-    def __init__(self, directory, epochs=0, train_seconds=0.0):
+    def __init__(self, directory, epochs=0, train_seconds=0.0, examples=None):
         super().__init__()
         self.directory = os.fspath(directory)
         self.epochs = epochs
         self.train_seconds = train_seconds
+        # Examples trained on in each epoch, when data sieving logs them.
+        self.examples = list(examples or [])
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -92,6 +96,8 @@ class Checkpointer(keras.callbacks.Callback):
         # Saving is not training time: the clock stops before it.
         self.train_seconds += time.perf_counter() - self._start
         self.epochs += 1
+        if logs and "examples" in logs:
+            self.examples.append(int(logs["examples"]))
         level = model_ops.current_level(self.model)
         save(
             self.model,
@@ -103,5 +109,6 @@ class Checkpointer(keras.callbacks.Callback):
                 "epoch_in_level": epoch + 1 if level == self._level else 0,
                 "epochs": self.epochs,
                 "train_seconds": self.train_seconds,
+                "examples_per_epoch": self.examples,
             },
         )

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from elsa_tf import budgets, levels, sparsifiers
+from elsa_tf import budgets, levels, sieving, sparsifiers
 from elsa_tf import selection as selection_lib
 from elsa_tf.elsa_model import default_shared
 from elsa_tf.experiments import datasets, optimizers, zoo
@@ -286,6 +286,11 @@ class Config:
     # ones (digits CNN, 95%: 85.5% without, 98.0% with).
     recalibrate_bn: bool = True
     augment: bool = True
+    # SpFDE's circular data sieving (elsa_tf.DataSieve): the share of the
+    # training set held out of each epoch (0: off) and the epochs between
+    # swaps.
+    sieving_share: float = 0.0
+    sieving_interval: int = sieving.DEFAULT_INTERVAL
     export_tflite: bool = True
     quantization: str = "float32"
     # Names from BASELINES (a comma-separated string is accepted); none by
@@ -310,6 +315,15 @@ class Config:
             budget if isinstance(budget, int) else tuple(budget),
         )
         check_positive_int("batch_size", self.batch_size)
+        sieving.check_share(self.sieving_share)
+        sieving.check_interval(self.sieving_interval)
+        if self.sieving_share and self.augment and self.dataset in datasets.AUGMENTED:
+            raise ValueError(
+                "Data sieving numbers examples before a per-example map, and "
+                f"{self.dataset}'s augmentation runs on batches: pass "
+                "augment=False with sieving. Received: "
+                f"sieving_share={self.sieving_share}, augment=True"
+            )
         _check_choice("optimizer", self.optimizer, optimizers.OPTIMIZERS)
         check_float("learning_rate", self.learning_rate, low=0.0, low_open=True)
         check_float("weight_decay", self.weight_decay, low=0.0, low_open=False)

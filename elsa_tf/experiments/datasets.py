@@ -62,7 +62,7 @@ _NPZ_MODEL = "mlp"
 
 # The datasets read from tensorflow-datasets, the ones `data_dir` is for.
 TFDS_NAMES: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100")
-_AUGMENTED = ("cifar10", "cifar100")
+AUGMENTED = ("cifar10", "cifar100")
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 # The standard CIFAR recipe (He et al., 2016): zero-pad 4 pixels, crop back.
 _CIFAR_PAD = 4
@@ -219,6 +219,16 @@ class Dataset:
             ds = ds.repeat()
         augment_fn = self._augment if augment else None
         return self._batches(ds, batch_size, augment_fn, seed)
+
+    def train_examples(self) -> tf.data.Dataset:
+        """The training split as single (float32 input, int64 label)
+        examples, in the stored order, not augmented: what data sieving
+        numbers (`elsa_tf.DataSieve`), then shuffles and batches itself."""
+        return self._train.cached.map(
+            lambda x, y: (_to_float(x), tf.cast(y, tf.int64)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
 
     def test(self, batch_size: int) -> tf.data.Dataset:
         """The test split as batches of (float32 inputs, int64 labels), in order.
@@ -474,7 +484,7 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
         num_test=sizes["test"],
         _train=_Split(source=splits["train"], size=sizes["train"]),
         _test=_Split(source=splits["test"], size=sizes["test"]),
-        _augment=_pad_crop_flip if name in _AUGMENTED else None,
+        _augment=_pad_crop_flip if name in AUGMENTED else None,
     )
 
 

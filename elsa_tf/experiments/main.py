@@ -22,6 +22,7 @@ startup.import_tensorflow_quietly()
 
 from absl import app, flags, logging  # noqa: E402
 
+from elsa_tf import sieving  # noqa: E402
 from elsa_tf.experiments import checkpoint, datasets, optimizers, zoo  # noqa: E402
 from elsa_tf.experiments import config as config_lib  # noqa: E402
 
@@ -137,6 +138,17 @@ flags.DEFINE_bool(
     "every level (and of every baseline model), before freezing it.",
 )
 flags.DEFINE_bool("augment", _D.augment, "Standard augmentation (CIFAR only).")
+flags.DEFINE_float(
+    "sieving_share",
+    _D.sieving_share,
+    "SpFDE data sieving: share of the training set held out of each epoch, "
+    "in [0, 1); 0 turns it off.",
+)
+flags.DEFINE_integer(
+    "sieving_interval",
+    _D.sieving_interval,
+    "Epochs between data sieving swaps (>= 1).",
+)
 flags.DEFINE_bool(
     "export_tflite", _D.export_tflite, "Export every level and a bundle to TFLite."
 )
@@ -214,6 +226,8 @@ for _name, _check in {
     "sparsities": config_lib.check_sparsities,
     "epochs_per_level": lambda v: config_lib.check_epochs_flag(v),
     "batch_size": _int("batch_size"),
+    "sieving_share": lambda v: sieving.check_share(v),
+    "sieving_interval": lambda v: sieving.check_interval(v),
     "learning_rate": _number("learning_rate", low=0.0, low_open=True),
     "weight_decay": _number("weight_decay", low=0.0, low_open=False),
     "baseline": config_lib.check_baselines,
@@ -286,6 +300,8 @@ def config_from_flags(base: config_lib.Config | None = None) -> config_lib.Confi
         "shared": FLAGS.shared,
         "recalibrate_bn": FLAGS.recalibrate_bn,
         "augment": FLAGS.augment,
+        "sieving_share": FLAGS.sieving_share,
+        "sieving_interval": FLAGS.sieving_interval,
         "export_tflite": FLAGS.export_tflite,
         "quantization": FLAGS.quantization,
         "baseline": FLAGS.baseline,

@@ -334,6 +334,21 @@ def _totals(report: Mapping[str, Any], names: list[str]):
         ["Storage: bundle (all levels)", _size(storage.get("elsa_bundle"))],
         ["Storage: per-level files (sum)", _size(storage.get("elsa_levels"))],
     ]
+    examples = report.get("examples_per_epoch")
+    num_train = report.get("num_train")
+    if examples:
+        share = (
+            f" ({sum(examples) / (len(examples) * num_train):.0%} of "
+            f"{len(examples)} full epochs)"
+            if num_train
+            else ""
+        )
+        rows.append(
+            [
+                "Examples trained on (data sieving)",
+                f"{sum(examples):,}{share}",
+            ]
+        )
     for name in names:
         header += [f"{name} (sum of models)", f"ELSA / {name}"]
         base_seconds = (seconds.get("baselines") or {}).get(name)
@@ -341,6 +356,8 @@ def _totals(report: Mapping[str, Any], names: list[str]):
         rows[0] += [_duration(base_seconds), _ratio(seconds.get("elsa"), base_seconds)]
         rows[1] += [_size(base_bytes), _ratio(storage.get("elsa_bundle"), base_bytes)]
         rows[2] += [_size(base_bytes), _ratio(storage.get("elsa_levels"), base_bytes)]
+        for row in rows[3:]:
+            row += ["", ""]
     return header, rows, ["left"] + ["right"] * (len(header) - 1)
 
 

@@ -250,10 +250,20 @@ def train(
                 directory,
                 epochs=state["epochs"],
                 train_seconds=state["train_seconds"],
+                examples=state.get("examples_per_epoch"),
             )
+            sieving = None
+            if config.sieving_share:
+                sieving = elsa_tf.DataSieve(
+                    config.sieving_share, config.sieving_interval, seed=config.seed
+                )
             elsa_tf.fit(
                 model,
-                data.train(config.batch_size, seed=config.seed, augment=config.augment),
+                data.train_examples()
+                if sieving
+                else data.train(
+                    config.batch_size, seed=config.seed, augment=config.augment
+                ),
                 epochs_per_level=config.epochs_per_level,
                 optimizer=optimizers.factory(
                     config.optimizer, config.learning_rate, config.weight_decay
@@ -263,7 +273,10 @@ def train(
                 levels=list(range(state["level"], num_levels)),
                 initial_epoch=state["epoch_in_level"],
                 recalibration_data=recalibration_data,
-                shuffle=False,  # the pipeline shuffles, seeded
+                sieving=sieving,
+                # The pipeline shuffles, seeded; a sieve shuffles its examples.
+                shuffle=bool(sieving),
+                **({"batch_size": config.batch_size} if sieving else {}),
                 validation_data=data.test(max(config.batch_size, 256)),
                 callbacks=[
                     progress.LevelProgress(os.path.join(workdir, "tensorboard")),
@@ -483,12 +496,18 @@ def train_and_evaluate(
     report = {
         "config": config.to_dict(),
         "dataset": config.dataset,
+        "num_train": data.num_train,
         "model": config.model,
         "runtime": manifest["runtime_checked"] if manifest else None,
         "methods": {
             name: config_lib.method(name, config) for name in ("elsa", *baseline_rows)
         },
         "levels": levels,
+        # Examples trained on in each epoch, under data sieving.
+        "examples_per_epoch": (
+            checkpoint.latest(os.path.join(workdir, "checkpoints")) or {}
+        ).get("examples_per_epoch")
+        or None,
         "training_seconds": {
             "elsa": seconds,
             "baselines": {

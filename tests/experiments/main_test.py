@@ -127,6 +127,8 @@ def test_main_trains_on_mocked_tfds_data(tmp_path):
         ("--schedule=cosine", "flag --schedule=cosine: value should be one of"),
         ("--model=cnn1d", "model=cnn1d, dataset=digits: .*'cnn1d'.*\\(8, 8, 1\\)"),
         ("--epochs_per_level=two", r"flag --epochs_per_level=\['two'\]: "),
+        ("--sieving_share=1.0", r"flag --sieving_share=1.0: .*Received: share=1.0"),
+        ("--sieving_interval=0", "flag --sieving_interval=0: .*interval=0"),
         ("--weight_decay=0.1", "optimizer=adam.*weight_decay=0.1: .*adamw"),
     ],
 )
