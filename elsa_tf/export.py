@@ -686,8 +686,9 @@ def export_tflite(
     physical=True)`, a physically narrower network, converted on its own and
     checked in the same way. Its rows also record `"kept_channels"`,
     `"total_channels"`, `"parameters"` and `"widths"` (each producing layer's
-    units or filters), and no bundle is written (`"bundle"` is None and
-    `"bundle_note"` says why).
+    units or filters). Its bundle (`elsa_tf.lite.channel_bundle`) holds
+    the densest file and, for each level, the edits of shapes, options and
+    buffers that make that level's narrower file.
 
     Args:
         model: an embedded model (from `elsa_tf.embed` / `elsa_tf.fit`).

@@ -12,9 +12,23 @@ float16; `"dynamic"` and `"int8"` files, which quantize each level with its
 own scales, must give finite outputs of the right shapes, as converted
 levels of other models are not compared either).
 
-No bundle is written: the bundle patches the densest file's buffers into
-each level, which cannot change a tensor's shape. The manifest's `"bundle"`
-is None and its `"bundle_note"` says so.
+The bundle (`bundle.tflite`) is a channel bundle (`elsa_tf.lite.channel_bundle`):
+the densest file plus, for every level, the edits that make its narrower
+flatbuffer from it on the device: new tensor shapes, quantization and
+Reshape options, and each narrowed constant as a slice of the densest one
+(kept indices per axis, tried among the level's kept channels of every
+channel group and variable axis; a per-channel scale where the level's own
+normalization statistics are folded into a kernel) or as its own bytes. Every
+level made from the bundle is checked before the bundle is written: the same
+model as the level's file, tensor by tensor, but for tensor names (the
+converter names fused tensors after whichever ops it fused), and outputs on
+the probe inputs within `MATCH_TOLERANCE` of that file's. A level that is not
+the densest file's graph with narrower tensors, or that fails a check, leaves
+no bundle: `"bundle"` is None and `"bundle_note"` says why. The manifest's
+`"bundle"` records the bundle's size beside every level's file together
+(`"level_files_bytes"`) and the densest file alone (`"densest_bytes"`), its
+edits by kind, and the largest difference of a made level's outputs from its
+file's on the probe inputs (`"max_abs_difference"`).
 """
 
 from __future__ import annotations
@@ -24,15 +38,15 @@ import tempfile
 
 import numpy as np
 
-from elsa_tf import channels, embedding, export, model_ops, reporting
-from elsa_tf.lite import runtime
+import elsa_tf
+from elsa_tf import channels, embedding, export, model_ops, physical, reporting
+from elsa_tf.lite import channel_bundle, runtime
 
-BUNDLE_NOTE = (
-    "No bundle for granularity='channel': each level is a physically narrower "
-    "network, whose tensors have other shapes than the densest level's, and a "
-    "bundle makes levels by rewriting the densest file's buffers. Use the "
-    "per-level files."
-)
+# How far a level made from the bundle may be from its own file's outputs, of
+# the largest output (at least 1): a scaled slice is a float32 rounding away
+# from the converter's folded kernel.
+MATCH_TOLERANCE = 1e-5
+NO_BUNDLE = "No bundle for these channel levels: {}. Use the per-level files."
 
 
 def is_channel_model(model) -> bool:
@@ -90,7 +104,8 @@ def write(
     preprocessing,
 ) -> dict:
     """`export._write` for a channel-granularity model: every level narrowed
-    and converted on its own, checked, and written with `manifest.json`.
+    and converted on its own, checked, and written with `manifest.json` and,
+    with `bundle`, a channel bundle (see the module docstring).
 
     Takes `export_tflite`'s checked arguments. `sparse_encoding` changes
     nothing: a narrowed level holds no pruned zeros for sparse storage to
@@ -151,7 +166,181 @@ def write(
         rows.append(row)
     manifest = export.manifest_of(model, name, rows, signature, preprocessing)
     if bundle:
-        manifest["bundle"] = None
-        manifest["bundle_note"] = BUNDLE_NOTE
+        files = [contents[level] for level in levels]
+        try:
+            content, entry = _bundle(model, levels, files, rows, name, probe)
+        except BundleRefused as e:
+            manifest["bundle"] = None
+            manifest["bundle_note"] = NO_BUNDLE.format(e)
+        else:
+            manifest["bundle"] = entry
+            with open(os.path.join(out_dir, export.BUNDLE_FILE), "wb") as f:
+                f.write(content)
     export.save_manifest(out_dir, manifest)
     return manifest
+
+
+class BundleRefused(Exception):
+    """Why no channel bundle is written (the export goes on without one)."""
+
+
+def candidates(model, level: int) -> list[np.ndarray]:
+    """Index arrays a narrowed tensor axis of `level` may keep: the kept
+    channels of each channel group, and the kept indices along each axis of
+    each variable (a Dense kernel after Flatten keeps whole spatial runs)."""
+    owner = model_ops.owner(model)
+    keep = model_ops.channel_keep(owner, level)
+    groups = owner.channel_groups
+    found = list(physical.kept_channels(groups, keep))
+    shapes = {v.path: tuple(v.shape) for v in owner.inner_model.weights}
+    for axes in physical.kept_indices(groups, keep, shapes).values():
+        found.extend(axes.values())
+    unique = {}
+    for indices in found:
+        unique.setdefault((len(indices), indices.tobytes()), indices)
+    return list(unique.values())
+
+
+def _difference(a, b, path: str = "model") -> str | None:
+    """Where two flatbuffer object trees (`flatbuffer_utils`) differ, or None."""
+    if type(a) is not type(b):
+        return f"{path}: {type(a).__name__} against {type(b).__name__}"
+    if isinstance(a, np.ndarray):
+        same = a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+        return None if same else f"{path}: {a.tolist()[:8]} against {b.tolist()[:8]}"
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return f"{path}: {len(a)} items against {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = _difference(x, y, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if hasattr(a, "__dict__"):
+        for key in a.__dict__:
+            found = _difference(getattr(a, key), getattr(b, key), f"{path}.{key}")
+            if found:
+                return found
+        return None
+    return None if a == b else f"{path}: {a!r} against {b!r}"
+
+
+def _same_model(made: bytes, level_file: bytes, scaled: set[int]) -> str | None:
+    """Where the level made from the bundle differs from the level's file,
+    as a model: None when they are the same but for tensor names, the
+    bundle's emptied payload buffer, and float32 buffers in `scaled`, which
+    may differ by `channel_bundle.SCALE_TOLERANCE` of their largest value."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    a = flatbuffer_utils.convert_bytearray_to_object(bytearray(made))
+    b = flatbuffer_utils.convert_bytearray_to_object(bytearray(level_file))
+    entry = [m for m in a.metadata if m.name.decode() == channel_bundle.METADATA_NAME]
+    if len(entry) != 1 or entry[0].buffer != len(a.buffers) - 1:
+        return "the bundle's payload is not its last buffer"
+    if a.buffers[-1].data is not None and len(a.buffers[-1].data):
+        return "the bundle's payload buffer is not emptied"
+    a.metadata = [m for m in a.metadata if m is not entry[0]]
+    a.buffers = a.buffers[:-1]
+    for sa, sb in zip(a.subgraphs or [], b.subgraphs or []):
+        for ta, tb in zip(sa.tensors or [], sb.tensors or []):
+            ta.name = tb.name
+    for index in scaled:
+        x = np.frombuffer(a.buffers[index].data.tobytes(), np.float32)
+        y = np.frombuffer(b.buffers[index].data.tobytes(), np.float32)
+        limit = channel_bundle.SCALE_TOLERANCE * max(float(np.abs(y).max()), 1e-30)
+        if x.shape != y.shape or not np.abs(x - y).max(initial=0) <= limit:
+            return f"buffer {index}, a scaled slice, is not within {limit:.3g}"
+        a.buffers[index].data = b.buffers[index].data
+    return _difference(a, b)
+
+
+def bundle_file(densest: bytes, payload: bytes) -> bytes:
+    """The bundle file: `densest` with the payload of `channel_bundle.encode`
+    as metadata, its placeholders filled (the file's length, and the digest
+    of every level made from it)."""
+    draft = export.add_metadata(densest, channel_bundle.METADATA_NAME, payload)
+    header = channel_bundle.read_header(payload)
+    digests = [
+        channel_bundle.level_digest(level, made)
+        for level, made in zip(
+            header["levels"], channel_bundle.unverified_levels(draft)
+        )
+    ]
+    filled = channel_bundle.fill_placeholders(payload, len(draft), digests)
+    content = export.add_metadata(densest, channel_bundle.METADATA_NAME, filled)
+    if len(content) != len(draft):
+        raise RuntimeError(
+            f"Filling in the bundle's digests changed its length from "
+            f"{len(draft)} to {len(content)} bytes."
+        )
+    return content
+
+
+def _bundle(model, levels, files, rows, name, probe) -> tuple[bytes, dict]:
+    """The channel bundle file and its manifest entry.
+
+    Raises:
+        BundleRefused: naming the level and what keeps it out of a bundle.
+    """
+    try:
+        payload, stats = channel_bundle.encode(
+            files,
+            [candidates(model, level) for level in levels],
+            header={
+                "levels": list(levels),
+                # As the weight bundle's header: tools read a bare bundle.
+                "target_sparsity": [r["target_sparsity"] for r in rows],
+                "achieved_sparsity": [r["achieved_sparsity"] for r in rows],
+                "quantization": name,
+                "elsa_tf_version": elsa_tf.__version__,
+            },
+        )
+    except channel_bundle.UnsupportedLevels as e:
+        raise BundleRefused(str(e).rstrip(".")) from e
+    content = bundle_file(files[-1], payload)
+    bundle = channel_bundle.read_bundle(content)
+    edits = bundle.edits()
+    largest = 0.0
+    for level, position, level_file in zip(levels, range(len(levels)), files):
+        made = bundle.materialize(level)
+        scaled = {e["buffer"] for e in edits[position] if "scale" in e}
+        where = _same_model(made, level_file, scaled)
+        if where is not None:
+            raise BundleRefused(f"level {level} made from it differs at {where}")
+        try:
+            got = runtime.predict(runtime.interpreter(made), probe)
+        except Exception as e:  # The runtimes raise RuntimeError or ValueError.
+            raise BundleRefused(f"level {level} made from it does not run: {e}") from e
+        got = export._flat_outputs(got)
+        want = export._flat_outputs(
+            runtime.predict(runtime.interpreter(level_file), probe)
+        )
+        for g, w in zip(got, want):
+            error = float(np.abs(np.float64(g) - w).max(initial=0.0))
+            scale = max(float(np.abs(np.float64(w)).max(initial=0.0)), 1.0)
+            if not error <= MATCH_TOLERANCE * scale:
+                raise BundleRefused(
+                    f"level {level} made from it differs from its file by "
+                    f"{error:.3g} on the probe inputs"
+                )
+            largest = max(largest, error)
+    export._check_runs(content, export.BUNDLE_FILE)
+    return content, {
+        "file": export.BUNDLE_FILE,
+        "format": channel_bundle.METADATA_NAME,
+        "bytes": len(content),
+        "sha256": export._sha256(content),
+        "levels": list(levels),
+        # The bundle beside what it replaces: every level's file, and the
+        # densest alone (what a device would hold without levels).
+        "level_files_bytes": sum(len(f) for f in files),
+        "densest_bytes": len(files[-1]),
+        "data_bytes": stats.data_bytes,
+        "vector_edits": stats.vector_edits,
+        "sliced_buffers": stats.sliced_buffers,
+        "scaled_buffers": stats.scaled_buffers,
+        "stored_buffers": stats.stored_buffers,
+        "stored_bytes": stats.stored_bytes,
+        "exact": stats.scaled_buffers == 0,
+        "max_abs_difference": largest,
+    }

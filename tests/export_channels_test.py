@@ -3,8 +3,9 @@
 `export_tflite` on a model embedded with `granularity="channel"` converts
 every level's `extract(model, level, physical=True)` on its own
 (`elsa_tf.export_channels`): each file is smaller than the densest level's,
-its tensors narrower, its outputs those of the Keras level; no bundle is
-written, and the manifest says why.
+its tensors narrower, its outputs those of the Keras level. The bundle, from
+which `elsa_tf.lite` makes these files on the device, is tested in
+`channel_bundle_test.py`.
 """
 
 import json
@@ -16,7 +17,7 @@ from ai_edge_litert.interpreter import Interpreter
 from conftest import finish_levels, mlp
 
 import elsa_tf
-from elsa_tf import export, export_channels, lite, sparsifiers
+from elsa_tf import export, lite, sparsifiers
 
 L = keras.layers
 SPARSITIES = [0.5, 0.0]
@@ -151,16 +152,16 @@ def test_every_sparsifier_exports_narrower_levels(sparsifier, tmp_path):
     ]
 
 
-def test_the_manifest_says_no_bundle_and_why(tmp_path):
+def test_the_manifest_describes_files_and_bundle(tmp_path):
     model = embedded("conv_bn")
     x, y = inputs(model.inner_model, 32), np.arange(32) % 3
     manifest = elsa_tf.export_tflite(
         model, tmp_path / "out", sparse_encoding=True, evaluation_data=(x, y)
     )
-    assert manifest["bundle"] is None
-    assert manifest["bundle_note"] == export_channels.BUNDLE_NOTE
-    assert "granularity='channel'" in manifest["bundle_note"]
-    assert not (tmp_path / "out" / export.BUNDLE_FILE).exists()
+    assert "bundle_note" not in manifest
+    bundle = manifest["bundle"]
+    assert bundle["format"] == "elsa_tf.channel_bundle"
+    assert (tmp_path / "out" / export.BUNDLE_FILE).stat().st_size == bundle["bytes"]
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk == manifest
     rows = manifest["levels"]
@@ -182,14 +183,13 @@ def test_the_manifest_says_no_bundle_and_why(tmp_path):
         assert row["sha256"] == export._sha256(content)
         assert row["bytes"] == row["dense_bytes"] == len(content)
         assert 0.0 <= row["accuracy"] <= 1.0
-    # The device side loads each level from its own file.
+    # The device side loads each level from its own file, or makes it from
+    # the bundle.
     runner = lite.LevelRunner(tmp_path / "out")
     for level in (0, 1):
-        close(
-            runner.load(level).run(x),
-            keras.ops.convert_to_numpy(elsa_tf.extract(model, level)(x)),
-            TOLERANCE[None],
-        )
+        want = keras.ops.convert_to_numpy(elsa_tf.extract(model, level)(x))
+        close(runner.load(level).run(x), want, TOLERANCE[None])
+        close(runner.load(level, source="bundle").run(x), want, TOLERANCE[None])
     # bundle=False writes no bundle entry, as for other models.
     manifest = elsa_tf.export_tflite(model, tmp_path / "plain", bundle=False)
     assert "bundle" not in manifest and "bundle_note" not in manifest
@@ -207,7 +207,7 @@ def test_quantized_levels_are_narrower(quantization, tmp_path):
         model, tmp_path / "out", quantization=quantization, representative_data=x
     )
     rows = manifest["levels"]
-    assert manifest["bundle"] is None and "bundle_note" in manifest
+    assert manifest["bundle"]["levels"] == [0, 1], manifest.get("bundle_note")
     assert [r["quantization"] for r in rows] == [quantization] * 2
     assert rows[0]["bytes"] < rows[1]["bytes"]
     for level, row in enumerate(rows):

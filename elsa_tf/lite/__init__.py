@@ -12,7 +12,10 @@ otherwise.
 
 from elsa_tf.lite import runtime
 from elsa_tf.lite._flatbuffer import FlatbufferError
-from elsa_tf.lite.bundle import Bundle, BundleError, materialize, read_bundle
+from elsa_tf.lite.bundle import Bundle, BundleError
+
+# Read either kind of bundle: weight levels (`bundle`) or channel levels.
+from elsa_tf.lite.channel_bundle import ChannelBundle, materialize, read_bundle
 from elsa_tf.lite.runner import (
     MANIFEST,
     SOURCES,
@@ -29,6 +32,7 @@ __all__ = [
     "SOURCES",
     "Bundle",
     "BundleError",
+    "ChannelBundle",
     "FlatbufferError",
     "Latency",
     "LevelRunner",

@@ -224,3 +224,164 @@ def constant_tensors(model: ModelRef) -> dict[int, TensorRef]:
         if model.buffers[tensor.buffer].size and tensor.buffer not in owners:
             owners[tensor.buffer] = tensor
     return owners
+
+
+# Fields a channel bundle rewrites (`elsa_tf.lite.channel_bundle`): the
+# vectors that carry a width, by the table that holds them.
+_SUBGRAPH_OPERATORS = 3
+_TENSOR_QUANTIZATION, _TENSOR_SHAPE_SIGNATURE = 4, 7
+_OPERATOR_OPCODE, _OPERATOR_INPUTS, _OPERATOR_OUTPUTS = 0, 1, 2
+_OPERATOR_OPTIONS_TYPE, _OPERATOR_OPTIONS = 3, 4
+TENSOR_VECTORS = {
+    "shape": (_TENSOR_SHAPE, "<i4"),
+    "shape_signature": (_TENSOR_SHAPE_SIGNATURE, "<i4"),
+}
+QUANTIZATION_VECTORS = {
+    "min": (0, "<f4"),
+    "max": (1, "<f4"),
+    "scale": (2, "<f4"),
+    "zero_point": (3, "<i8"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorRef:
+    """Where a vector's elements lie: `length` items of `dtype` from `start`.
+
+    Its length, a uint32, is the 4 bytes before `start`.
+    """
+
+    start: int
+    length: int
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        return self.length * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorRef:
+    subgraph: int
+    index: int
+    opcode_index: int
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    options_type: int
+
+
+def _item(reader: _Reader, table: int, field: int, index: int, what: str) -> int:
+    start, length = reader.vector(table, field)
+    if not 0 <= index < length:
+        raise FlatbufferError(
+            f"Corrupt or different TFLite file: {what} {index} does not exist "
+            f"(there are {length})."
+        )
+    reader._check(start, 4 * length, "vector of tables")
+    return reader.indirect(start + 4 * index)
+
+
+def _vector_ref(reader: _Reader, table: int, field: int, dtype: str, what: str):
+    pos = reader.field(table, field)
+    if not pos:
+        return None
+    vec = reader.indirect(pos)
+    length = reader.unpack("<I", vec, "vector length")
+    ref = VectorRef(vec + 4, length, dtype)
+    reader._check(ref.start, ref.size, what)
+    return ref
+
+
+def locate(data, path: tuple) -> VectorRef | None:
+    """Finds a vector that a channel bundle rewrites; None if it is absent.
+
+    Args:
+        data: the file's bytes.
+        path: one of `("tensor", subgraph, tensor, name)` with a name of
+            `TENSOR_VECTORS` or `QUANTIZATION_VECTORS`; `("options", subgraph,
+            operator, options_type, field)` for an int32 vector field of an
+            operator's builtin options, whose union type must be
+            `options_type`; or `("buffer", index)` for a buffer's data.
+
+    Raises:
+        FlatbufferError: for an offset outside the file, an index that does
+            not exist, an options table of another type, or a path of another
+            form.
+    """
+    reader = _Reader(data)
+    if reader.n < 8:
+        raise FlatbufferError(f"Truncated TFLite file: {reader.n} bytes.")
+    model = reader.indirect(0)
+    kind = path[0] if path else None
+    if kind == "buffer" and len(path) == 2:
+        table = _item(reader, model, _MODEL_BUFFERS, path[1], "buffer")
+        if reader.scalar(table, _BUFFER_OFFSET, "<Q") > 1:
+            raise FlatbufferError(
+                f"Buffer {path[1]} is stored outside the flatbuffer; a channel "
+                "bundle rewrites only buffers inside it."
+            )
+        return _vector_ref(reader, table, _BUFFER_DATA, "<u1", "buffer data")
+    if kind in ("tensor", "options") and len(path) in (4, 5):
+        subgraph = _item(reader, model, _MODEL_SUBGRAPHS, path[1], "subgraph")
+    if kind == "tensor" and len(path) == 4:
+        table = _item(reader, subgraph, _SUBGRAPH_TENSORS, path[2], "tensor")
+        name = path[3]
+        if name in TENSOR_VECTORS:
+            field, dtype = TENSOR_VECTORS[name]
+        elif name in QUANTIZATION_VECTORS:
+            table = reader.field(table, _TENSOR_QUANTIZATION)
+            if not table:
+                return None
+            table = reader.indirect(table)
+            field, dtype = QUANTIZATION_VECTORS[name]
+        else:
+            raise FlatbufferError(f"No tensor vector is called {name!r}.")
+        return _vector_ref(reader, table, field, dtype, f"tensor {name}")
+    if kind == "options" and len(path) == 5:
+        table = _item(reader, subgraph, _SUBGRAPH_OPERATORS, path[2], "operator")
+        found = reader.scalar(table, _OPERATOR_OPTIONS_TYPE, "<B")
+        if found != path[3]:
+            raise FlatbufferError(
+                f"Operator {path[2]} has builtin options of type {found}, not "
+                f"{path[3]}."
+            )
+        pos = reader.field(table, _OPERATOR_OPTIONS)
+        if not pos:
+            return None
+        options = reader.indirect(pos)
+        return _vector_ref(reader, options, path[4], "<i4", "options vector")
+    raise FlatbufferError(f"Not a path to a vector. Received: path={path!r}")
+
+
+def read_vector(data, ref: VectorRef | None) -> np.ndarray | None:
+    """The elements of a vector `locate` found (None for an absent one)."""
+    if ref is None:
+        return None
+    return np.frombuffer(data, ref.dtype, ref.length, offset=ref.start)
+
+
+def read_operators(data) -> tuple[OperatorRef, ...]:
+    """Every operator of every subgraph: opcode, inputs, outputs and the type
+    of its builtin options.
+
+    Raises:
+        FlatbufferError: as `read_model`.
+    """
+    reader = _Reader(data)
+    if reader.n < 8:
+        raise FlatbufferError(f"Truncated TFLite file: {reader.n} bytes.")
+    model = reader.indirect(0)
+    found = []
+    for s, subgraph in enumerate(reader.tables(model, _MODEL_SUBGRAPHS)):
+        for i, table in enumerate(reader.tables(subgraph, _SUBGRAPH_OPERATORS)):
+            found.append(
+                OperatorRef(
+                    subgraph=s,
+                    index=i,
+                    opcode_index=reader.scalar(table, _OPERATOR_OPCODE, "<I"),
+                    inputs=reader.ints(table, _OPERATOR_INPUTS, "<i4"),
+                    outputs=reader.ints(table, _OPERATOR_OUTPUTS, "<i4"),
+                    options_type=reader.scalar(table, _OPERATOR_OPTIONS_TYPE, "<B"),
+                )
+            )
+    return tuple(found)

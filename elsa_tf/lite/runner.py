@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from elsa_tf.lite import bundle as bundle_lib
-from elsa_tf.lite import runtime
+from elsa_tf.lite import channel_bundle, runtime
 
 MANIFEST = "manifest.json"
 SOURCES = ("auto", "file", "bundle")
@@ -201,16 +201,18 @@ class LevelRunner:
             f"The export holds levels {self.levels}. Received: level={level}"
         )
 
-    def bundle(self) -> bundle_lib.Bundle:
-        """The bundle (read once, hash-checked against the manifest)."""
+    def bundle(self) -> bundle_lib.Bundle | channel_bundle.ChannelBundle:
+        """The bundle (read once, hash-checked against the manifest): a
+        weight bundle, or a channel bundle for channel levels."""
         if self._bundle is None:
+            # channel_bundle.read_bundle reads either kind.
             if self.manifest is None:
-                self._bundle = bundle_lib.read_bundle(self.path)
+                self._bundle = channel_bundle.read_bundle(self.path)
             else:
                 entry = self.manifest.get("bundle")
                 if not entry:
                     raise ManifestError(f"The export at {self.path} has no bundle.")
-                self._bundle = bundle_lib.read_bundle(
+                self._bundle = channel_bundle.read_bundle(
                     os.path.join(self.path, entry["file"]),
                     expected_sha256=entry["sha256"] if self.verify else None,
                 )

@@ -3,6 +3,8 @@
 Trains the zoo's digits CNN on scikit-learn's digits for three levels, exports it in
 every quantization mode, and saves the inputs and the outputs of
 `extract(model, level)` beside them, so tests without TensorFlow can compare.
+The same CNN embedded at channel granularity (three physically narrower
+levels, one epoch each) is exported to `CHANNEL/`, with a channel bundle.
 
     python tests/lite/make_export.py OUT_DIR
 """
@@ -17,6 +19,8 @@ import numpy as np
 SPARSITIES = (0.9, 0.5, 0.0)
 MODES = ("float32", "float16", "dynamic", "int8")
 REFERENCE = "reference.npz"
+CHANNEL = "channel"
+CHANNEL_SPARSITIES = (0.75, 0.5, 0.0)
 
 
 def make(out_dir, epochs_per_level: int = 3) -> str:
@@ -57,6 +61,34 @@ def make(out_dir, epochs_per_level: int = 3) -> str:
         f"level{k}": keras.ops.convert_to_numpy(elsa_tf.extract(model, k)(x))
         for k in range(len(SPARSITIES))
     }
+    channel = elsa_tf.embed(
+        zoo.build("cnn", (8, 8, 1), 10),
+        CHANNEL_SPARSITIES,
+        granularity="channel",
+        selection="per_layer",
+    )
+    elsa_tf.fit(
+        channel,
+        x_train,
+        y_train,
+        epochs_per_level=1,
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        batch_size=64,
+        verbose=0,
+    )
+    elsa_tf.export_tflite(
+        channel,
+        os.path.join(out_dir, CHANNEL),
+        evaluation_data=(x, y),
+        overwrite=True,
+    )
+    outputs.update(
+        {
+            f"{CHANNEL}{k}": keras.ops.convert_to_numpy(elsa_tf.extract(channel, k)(x))
+            for k in range(len(CHANNEL_SPARSITIES))
+        }
+    )
     np.savez(os.path.join(out_dir, REFERENCE), x=x, y=y, **outputs)
     return os.fspath(out_dir)
 
