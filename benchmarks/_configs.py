@@ -5,6 +5,22 @@ from __future__ import annotations
 
 from absl import app
 
+# The offline configurations of the accuracy benchmarks: the main job's
+# digits CNN, and MNIST-1D (generated locally) with the 1-D CNN at half width.
+DIGITS = {
+    "dataset": "digits",
+    "sparsities": (0.95, 0.9, 0.75, 0.0),
+    "epochs_per_level": 6,
+}
+MNIST1D = {
+    "dataset": "mnist1d",
+    "model": "cnn1d",
+    "width": 0.5,
+    "sparsities": (0.9, 0.75, 0.5, 0.0),
+    "epochs_per_level": 6,
+    "batch_size": 64,
+}
+
 # CIFAR-10 with the zoo's ResNet-20 (when tensorflow-datasets has the data):
 # the Config fields that differ from elsa-train's defaults.
 CIFAR10_RESNET20 = {

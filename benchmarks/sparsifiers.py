@@ -41,7 +41,7 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from _configs import CIFAR10_RESNET20, run_configs  # noqa: E402
+from _configs import CIFAR10_RESNET20, DIGITS, MNIST1D, run_configs  # noqa: E402
 from _output import write_json  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
@@ -65,19 +65,8 @@ flags.DEFINE_string("out", None, "Where to write the results as JSON.")
 
 # Each configuration: the Config fields that differ from elsa-train's defaults.
 CONFIGS = {
-    "digits": {
-        "dataset": "digits",
-        "sparsities": (0.95, 0.9, 0.75, 0.0),
-        "epochs_per_level": 6,
-    },
-    "mnist1d": {
-        "dataset": "mnist1d",
-        "model": "cnn1d",
-        "width": 0.5,
-        "sparsities": (0.9, 0.75, 0.5, 0.0),
-        "epochs_per_level": 6,
-        "batch_size": 64,
-    },
+    "digits": DIGITS,
+    "mnist1d": MNIST1D,
     "cifar10": CIFAR10_RESNET20,
 }
 COMMON = {"export_tflite": False, "augment": False}

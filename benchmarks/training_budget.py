@@ -1,0 +1,261 @@
+r"""All levels for half the training: level budgets and data sieving (issue 12).
+
+For every configuration and seed, in one run, with the same architecture,
+initial weights, data, optimizer, sparsifier and BatchNormalization
+re-estimation (`elsa-train`'s defaults otherwise), ELSA trained with
+different budgets beside the independent one-level models that elsa_tf
+trains for each level (`--baseline=independent_elsa`, `--epochs` each):
+
+* `full`: `--epochs` for every level (the independent models' epochs);
+* `half`: half of them for every level;
+* `front_loaded`: `elsa_tf.front_loaded(epochs, levels)`: the sparsest level
+  trains as long as an independent model, the later ones share the rest of
+  half the independent models' total, halving;
+* `sieving`: `full`, with SpFDE's circular data sieving (`--sieving_share`
+  held out of each epoch, swapped every `--sieving_interval` epochs);
+* `front_loaded_sieving`: both, the budget made with
+  `share=0.5 / (1 - sieving_share)` so that the examples trained on come to
+  about half of the independent models'.
+
+The table gives per level the mean +- std test accuracy over the seeds and
+its difference from the independent models, then per method the total
+training time of all levels (the run's own clock, saving excluded) over the
+independent models' total, and the examples trained on over theirs, which is
+the training-FLOPs ratio (every example costs the same forward and backward
+pass in every method). Issue 12's goal: a method at most 0.5x the
+independent models' time, every level within 0.5 points of them.
+
+Configurations (offline): `digits` and `mnist1d`, as in
+`benchmarks/sparsifiers.py`; `cifar10` (ResNet-20) runs when
+tensorflow-datasets finds it in `--data_dir`.
+
+Command used (from the repository root, 2 CPU cores, no GPU):
+
+    python benchmarks/training_budget.py --out=/tmp/elsa_benchmarks/budget.json
+
+A quick smoke run:
+
+    python benchmarks/training_budget.py --configs=digits --seeds=0 --epochs=2 \
+        --methods=full,front_loaded
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from _configs import CIFAR10_RESNET20, DIGITS, MNIST1D, run_configs  # noqa: E402
+from _output import write_json  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+METHODS = ("full", "half", "front_loaded", "sieving", "front_loaded_sieving")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("configs", ["digits", "mnist1d", "cifar10"], "Configurations.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, one run of each per config.")
+flags.DEFINE_list("methods", list(METHODS), f"ELSA budgets to run, of {METHODS}.")
+flags.DEFINE_integer(
+    "epochs", None, "Epochs of each independent model (default: the config's)."
+)
+flags.DEFINE_float("sieving_share", 0.2, "Share held out by data sieving.")
+flags.DEFINE_integer("sieving_interval", 1, "Epochs between sieving swaps.")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+flags.DEFINE_string("out", None, "Where to write the results as JSON.")
+
+CONFIGS = {"digits": DIGITS, "mnist1d": MNIST1D, "cifar10": CIFAR10_RESNET20}
+COMMON = {"export_tflite": False, "augment": False}
+
+
+def method_fields(method, epochs, num_levels, sieving_share, sieving_interval):
+    """The Config fields of one ELSA method."""
+    import elsa_tf
+
+    sieving = {"sieving_share": sieving_share, "sieving_interval": sieving_interval}
+    if method == "full":
+        return {"epochs_per_level": epochs}
+    if method == "half":
+        return {"epochs_per_level": max(round(epochs / 2), 1)}
+    if method == "front_loaded":
+        return {"epochs_per_level": elsa_tf.front_loaded(epochs, num_levels)}
+    if method == "sieving":
+        return {"epochs_per_level": epochs, **sieving}
+    if method == "front_loaded_sieving":
+        share = min(0.5 / (1.0 - sieving_share), 1.0)
+        budget = elsa_tf.front_loaded(epochs, num_levels, share=share)
+        return {"epochs_per_level": budget, **sieving}
+    raise app.UsageError(f"Unknown method. Expected one of {METHODS}: {method!r}")
+
+
+def run_config(name, seeds, workdir, *, methods, epochs, sieving, data_dir=None):
+    """Every method of every seed; returns the per-seed figures."""
+    from elsa_tf.experiments import datasets, run
+    from elsa_tf.experiments.config import Config
+
+    fields = {**COMMON, **CONFIGS[name], "data_dir": data_dir}
+    epochs = epochs or fields.pop("epochs_per_level")
+    fields.pop("epochs_per_level", None)
+    num_levels = len(fields["sparsities"])
+    num_train = datasets.load(fields["dataset"], data_dir=data_dir).num_train
+    out = []
+    for seed in seeds:
+        per_seed = {}
+        for i, method in enumerate(methods):
+            extra = method_fields(method, epochs, num_levels, *sieving)
+            # The independent models train once per seed, beside the first.
+            baselines = ("independent_elsa",) if i == 0 else ()
+            config = Config(**fields, **extra, seed=seed, baseline=baselines)
+            directory = os.path.join(workdir, f"{name}_{method}_seed{seed}")
+            report = run.train_and_evaluate(config, directory, verbose=0)
+            level_epochs = config.level_epochs()
+            examples = report.get("examples_per_epoch") or [num_train] * sum(
+                level_epochs
+            )
+            per_seed[method] = {
+                "epochs_per_level": level_epochs,
+                "accuracy": [row["accuracy"] for row in report["levels"]],
+                "seconds": report["training_seconds"]["elsa"],
+                "examples": int(sum(examples)),
+            }
+            if baselines:
+                per_seed["independent"] = {
+                    "epochs_per_level": [epochs] * num_levels,
+                    "accuracy": [
+                        row["baselines"]["independent_elsa"]["accuracy"]
+                        for row in report["levels"]
+                    ],
+                    "seconds": report["training_seconds"]["baselines"][
+                        "independent_elsa"
+                    ],
+                    "examples": epochs * num_levels * num_train,
+                }
+            print(f"{name} seed {seed} {method}: done", flush=True)
+        out.append(per_seed)
+    return {
+        "fields": {k: v for k, v in fields.items() if k != "data_dir"},
+        "epochs": epochs,
+        "sieving": {"share": sieving[0], "interval": sieving[1]},
+        "sparsities": list(fields["sparsities"]),
+        "seeds": list(seeds),
+        "runs": out,
+    }
+
+
+def _stats(values):
+    values = np.asarray(values, np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std())}
+
+
+def summarize(result: dict) -> dict:
+    """Mean and std over seeds: accuracy per level, and each method's cost
+    over the independent models'."""
+    runs = result["runs"]
+    methods = [m for m in runs[0] if m != "independent"]
+    levels = []
+    for k, sparsity in enumerate(result["sparsities"]):
+        row = {"level": k, "sparsity": sparsity}
+        for m in ("independent", *methods):
+            row[m] = _stats([100 * r[m]["accuracy"][k] for r in runs])
+        for m in methods:
+            row[f"{m}_vs_independent"] = _stats(
+                [
+                    100 * (r[m]["accuracy"][k] - r["independent"]["accuracy"][k])
+                    for r in runs
+                ]
+            )
+        levels.append(row)
+    cost = {}
+    for m in ("independent", *methods):
+        cost[m] = {
+            "epochs_per_level": runs[0][m]["epochs_per_level"],
+            "seconds": _stats([r[m]["seconds"] for r in runs]),
+            "time_ratio": _stats(
+                [r[m]["seconds"] / r["independent"]["seconds"] for r in runs]
+            ),
+            "examples_ratio": _stats(
+                [r[m]["examples"] / r["independent"]["examples"] for r in runs]
+            ),
+        }
+    return {"levels": levels, "cost": cost}
+
+
+def format_table(name: str, result: dict) -> str:
+    pm = "\u00b1"
+    s = result["summary"]
+    f = result["fields"]
+    methods = [m for m in s["cost"] if m != "independent"]
+    sieve = result["sieving"]
+    lines = [
+        f"#### {name}: {f.get('model', 'auto')} (width {f.get('width', 1.0)}), "
+        f"independent models {result['epochs']} epochs each, data sieving "
+        f"{sieve['share']:.0%} every {sieve['interval']} epoch(s), seeds "
+        f"{result['seeds']}",
+        "",
+        "| level | sparsity | independent | "
+        + " | ".join(f"{m} | {m} − independent" for m in methods)
+        + " |",
+        "|" + "---:|" * (3 + 2 * len(methods)),
+    ]
+    for r in s["levels"]:
+        cells = [f"{r['independent']['mean']:.2f} {pm} {r['independent']['std']:.2f}"]
+        for m in methods:
+            d = r[f"{m}_vs_independent"]
+            cells += [
+                f"{r[m]['mean']:.2f} {pm} {r[m]['std']:.2f}",
+                f"{d['mean']:+.2f} {pm} {d['std']:.2f}",
+            ]
+        lines.append(
+            f"| {r['level']} | {r['sparsity']:.0%} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "| method | epochs per level | training s | time / independent "
+        "| examples (FLOPs) / independent | worst level − independent |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for m, c in s["cost"].items():
+        worst = (
+            "—"
+            if m == "independent"
+            else f"{min(r[f'{m}_vs_independent']['mean'] for r in s['levels']):+.2f}"
+        )
+        lines.append(
+            f"| {m} | {c['epochs_per_level']} | {c['seconds']['mean']:.1f} | "
+            f"{c['time_ratio']['mean']:.2f} {pm} {c['time_ratio']['std']:.2f} | "
+            f"{c['examples_ratio']['mean']:.2f} | {worst} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.ERROR)
+    methods = list(FLAGS.methods)
+    for m in methods:
+        if m not in METHODS:
+            raise app.UsageError(f"--methods takes {METHODS}. Received: {m!r}")
+    with tempfile.TemporaryDirectory(prefix="elsa_budget_") as workdir:
+        results = run_configs(
+            FLAGS.configs,
+            CONFIGS,
+            FLAGS.data_dir,
+            lambda name: run_config(
+                name,
+                [int(s) for s in FLAGS.seeds],
+                workdir,
+                methods=methods,
+                epochs=FLAGS.epochs,
+                sieving=(FLAGS.sieving_share, FLAGS.sieving_interval),
+                data_dir=FLAGS.data_dir,
+            ),
+            summarize,
+            format_table,
+        )
+    if FLAGS.out:
+        write_json(FLAGS.out, results)
+
+
+if __name__ == "__main__":
+    app.run(main)
