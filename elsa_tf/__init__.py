@@ -38,6 +38,7 @@ _EXPORTS = {
     "DataSieve": "elsa_tf.sieving_data",
     "SievingCallback": "elsa_tf.sieving_data",
     "front_loaded": "elsa_tf.budgets",
+    "LayerFreezing": "elsa_tf.layer_freezing",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,6 +7,11 @@ when to update the masks (or the sparsifier's `update_interval` does) and to
 which sparsity, and the model's `Sparsifier` says which weights; at the
 level's last epoch the level is pruned to its exact target, frozen, and the
 next level opens with a freshly reset optimizer.
+
+With `layer_freezing` (`elsa_tf.LayerFreezing`), front blocks of the network
+are also frozen for the last epochs of each level (SpFDE's progressive layer
+freezing) and released at its end: that freezing is temporary, unlike the
+permanent freezing of finished levels.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 from absl import logging as absl_logging
 
 from elsa_tf import batch_norm, budgets, model_ops
+from elsa_tf import layer_freezing as layer_freezing_lib
 from elsa_tf import optimizer as optimizer_lib
 
 check_positive_int = model_ops.check_positive_int
@@ -100,6 +106,22 @@ class LevelScheduler(keras.callbacks.Callback):
             moving statistics are re-estimated on them at the end of every
             level, before it is frozen (`elsa_tf.recalibrate_batch_norm`).
             Not part of the config: pass it again to a restored scheduler.
+        layer_freezing: None, or an `elsa_tf.LayerFreezing`: SpFDE's
+            progressive layer freezing inside every level. Front blocks of
+            the inner model are set non-trainable, one more every `interval`
+            epochs once the level's masks are fixed, and all are released
+            at the level's end (before it is pruned, recalibrated and
+            frozen). After `fit`, `freezing_plans` holds each level's plan
+            (`elsa_tf.layer_freezing.LevelFreezing`) and `frozen_blocks` a
+            `(level, epoch_in_level, frozen front blocks)` triple for every
+            epoch trained. Off by default.
+
+    Attributes:
+        freezing_plans: with `layer_freezing`, the plan of each level this
+            scheduler trained (its blocks, the frozen count per epoch and the
+            planned share of the level's training FLOPs saved).
+        frozen_blocks: with `layer_freezing`, `(level, epoch_in_level, n)`
+            for every epoch trained: its first `n` blocks were frozen.
 
     Example:
 
@@ -117,9 +139,23 @@ class LevelScheduler(keras.callbacks.Callback):
         levels=None,
         steps_per_epoch=None,
         recalibration_data=None,
+        layer_freezing=None,
     ):
         super().__init__()
         self.recalibration_data = recalibration_data
+        if isinstance(layer_freezing, dict):
+            layer_freezing = keras.saving.deserialize_keras_object(layer_freezing)
+        if layer_freezing is not None and not isinstance(
+            layer_freezing, layer_freezing_lib.LayerFreezing
+        ):
+            raise TypeError(
+                "layer_freezing must be an elsa_tf.LayerFreezing or None. "
+                f"Received: layer_freezing={layer_freezing!r}"
+            )
+        self.layer_freezing = layer_freezing
+        self.freezing_plans: list[layer_freezing_lib.LevelFreezing] = []
+        self.frozen_blocks: list[tuple[int, int, int]] = []
+        self._freezer = None
         self.epochs_per_level = check_epochs_per_level(epochs_per_level)
         self.levels = None if levels is None else list(levels)
         if steps_per_epoch is not None:
@@ -149,12 +185,25 @@ class LevelScheduler(keras.callbacks.Callback):
         self._position = None  # index into self._levels; set by the first epoch
         self._epoch_in_level = 0
         self._prune_at = {}
+        self._freezing_plan = None
+        self.freezing_plans, self.frozen_blocks = [], []
+        if self.layer_freezing is not None:
+            blocks = self.layer_freezing.split(model_ops.owner(model).inner_model)
+            self._blocks = [block for block, _ in blocks]
+            self._freezer = layer_freezing_lib.BlockFreezer(
+                [layers for _, layers in blocks]
+            )
+            # The frozen count the train function was last traced with.
+            self._traced_frozen = 0
         # The FreezingOptimizer checked above keeps unused weights at zero, so
         # the model may train on its raw weights (no mask in the step).
         model_ops.set_raw_training(model, True)
         model_ops.reset_compiled_functions(model, in_fit=True)
 
     def on_train_end(self, logs=None):
+        if self._freezer is not None:
+            # A run that stops inside a level leaves nothing frozen.
+            self._freezer.release()
         model_ops.set_raw_training(self.model, False)
         model_ops.reset_compiled_functions(self.model)
 
@@ -192,6 +241,29 @@ class LevelScheduler(keras.callbacks.Callback):
             self._start_level(
                 self._levels[self._position], fresh=self._epoch_in_level == 0
             )
+        if self._freezer is not None:
+            self._freeze_blocks()
+
+    def _freeze_blocks(self) -> None:
+        """Freezes the front blocks the level's plan gives for this epoch.
+
+        Blocks are frozen only while an epoch trains (released again at its
+        end, so that a model saved between epochs keeps its own `trainable`
+        flags); the train function is rebuilt only when the count differs
+        from the one it was traced with.
+        """
+        n = self._freezing_plan.frozen[self._epoch_in_level]
+        if n and not self.model.optimizer.built:
+            # Built on every variable, so that released blocks are known to it.
+            with self.model.distribute_strategy.scope():
+                self.model.optimizer.build(self.model.trainable_variables)
+        self._freezer.set_frozen(n)
+        if n != self._traced_frozen:
+            model_ops.reset_compiled_functions(self.model, in_fit=True)
+            self._traced_frozen = n
+        self.frozen_blocks.append(
+            (self._levels[self._position], self._epoch_in_level, n)
+        )
 
     def _check_epochs(self, initial_epoch: int) -> None:
         """Warns when `fit`'s epochs do not end on the last level's end."""
@@ -237,6 +309,23 @@ class LevelScheduler(keras.callbacks.Callback):
             model.optimizer.reset()
         level_steps = self._level_epochs[self._position] * self._steps
         self._prune_at = model_ops.mask_update_steps(model, level, level_steps)
+        if self._freezer is not None:
+            self._plan_freezing(level)
+
+    def _plan_freezing(self, level: int) -> None:
+        epochs = self._level_epochs[self._position]
+        updates = list(self._prune_at)
+        if model_ops.owner(self.model).sparsifier.gated:
+            # Gates move every step of the level: its masks are never fixed.
+            updates.append(epochs * self._steps - 1)
+        plan = self.layer_freezing.plan_level(
+            self._blocks, level, epochs, self._steps, updates
+        )
+        if self.freezing_plans and self.freezing_plans[-1].level == level:
+            self.freezing_plans[-1] = plan  # a resumed level
+        else:
+            self.freezing_plans.append(plan)
+        self._freezing_plan = plan
 
     def on_train_batch_begin(self, batch, logs=None):
         step = self._epoch_in_level * self._steps + batch
@@ -247,6 +336,9 @@ class LevelScheduler(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self._position is None or self._position >= len(self._levels):
             return
+        if self._freezer is not None:
+            # The train function stays as traced: the next epoch refreezes.
+            self._freezer.release()
         self._epoch_in_level += 1
         if self._epoch_in_level == self._level_epochs[self._position]:
             level = model_ops.current_level(self.model)
@@ -257,17 +349,26 @@ class LevelScheduler(keras.callbacks.Callback):
                 batch_norm.recalibrate_batch_norm(self.model, self.recalibration_data)
             model_ops.finish_level(self.model)
             model_ops.reset_compiled_functions(self.model, in_fit=True)
+            if self._freezer is not None:
+                self._traced_frozen = 0
             self._position += 1
             self._epoch_in_level = 0
             if self._position >= len(self._levels):
                 self.model.stop_training = True
 
     def get_config(self):
-        return {
+        config = {
             "epochs_per_level": self.epochs_per_level,
             "levels": self.levels,
             "steps_per_epoch": self.steps_per_epoch,
         }
+        if self.layer_freezing is not None:
+            # As a Keras object, so that a LayerFreezing subclass comes back;
+            # left out when off, so that configs without it stay as they were.
+            config["layer_freezing"] = keras.saving.serialize_keras_object(
+                self.layer_freezing
+            )
+        return config
 
     @classmethod
     def from_config(cls, config):

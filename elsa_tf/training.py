@@ -60,6 +60,7 @@ def fit(
     initial_epoch: int = 0,
     recalibration_data="auto",
     sieving=None,
+    layer_freezing=None,
     **fit_kwargs,
 ) -> list:
     """Trains the levels of an embedded model in order, sparsest first.
@@ -113,6 +114,14 @@ def fit(
             `batch_size` and `shuffle` apply to the sieved data. The sieve
             carries on across levels; each level's history holds the examples
             of every epoch (`history.history["examples"]`). Off by default.
+        layer_freezing: None, or an `elsa_tf.LayerFreezing`: SpFDE's
+            progressive layer freezing inside each level. Once the level's
+            masks are final, one more front block of the network stops
+            training every `interval` epochs, until the planned share of the
+            level's training FLOPs is saved; no backward pass runs through
+            frozen front blocks. The blocks train again at the next level:
+            this is apart from ELSA's permanent freezing of finished levels.
+            Off by default.
         **fit_kwargs: passed to `keras.Model.fit` (`batch_size`,
             `validation_data`, `callbacks`, `steps_per_epoch`, ...).
 
@@ -195,15 +204,20 @@ def fit(
             levels=[level],
             steps_per_epoch=fit_kwargs.get("steps_per_epoch"),
             recalibration_data=recalibration_data,
+            layer_freezing=layer_freezing,
         )
-        histories.append(
-            model.fit(
-                x,
-                y,
-                epochs=level_epochs[level],
-                initial_epoch=start,
-                callbacks=[scheduler, *user_callbacks],
-                **fit_kwargs,
-            )
+        history = model.fit(
+            x,
+            y,
+            epochs=level_epochs[level],
+            initial_epoch=start,
+            callbacks=[scheduler, *user_callbacks],
+            **fit_kwargs,
         )
+        if layer_freezing is not None:
+            # The front blocks frozen in each epoch of the level.
+            history.history["frozen_blocks"] = [
+                n for _, _, n in scheduler.frozen_blocks
+            ]
+        histories.append(history)
     return histories

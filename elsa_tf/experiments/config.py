@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from elsa_tf import budgets, levels, sieving, sparsifiers
+from elsa_tf import budgets, layer_freezing, levels, sieving, sparsifiers
 from elsa_tf import selection as selection_lib
 from elsa_tf.elsa_model import default_shared
 from elsa_tf.experiments import datasets, optimizers, zoo
@@ -291,6 +291,11 @@ class Config:
     # swaps.
     sieving_share: float = 0.0
     sieving_interval: int = sieving.DEFAULT_INTERVAL
+    # SpFDE's progressive layer freezing (elsa_tf.LayerFreezing): the share
+    # of each level's training FLOPs to save (0: off), and the epochs between
+    # freezing one more front block.
+    freeze_share: float = 0.0
+    freeze_interval: int = 1
     export_tflite: bool = True
     quantization: str = "float32"
     # Names from BASELINES (a comma-separated string is accepted); none by
@@ -316,6 +321,8 @@ class Config:
         )
         check_positive_int("batch_size", self.batch_size)
         sieving.check_share(self.sieving_share)
+        layer_freezing.check_share(self.freeze_share)
+        layer_freezing.check_interval(self.freeze_interval)
         sieving.check_interval(self.sieving_interval)
         if self.sieving_share and self.augment and self.dataset in datasets.AUGMENTED:
             raise ValueError(

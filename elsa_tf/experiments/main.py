@@ -22,7 +22,7 @@ startup.import_tensorflow_quietly()
 
 from absl import app, flags, logging  # noqa: E402
 
-from elsa_tf import sieving  # noqa: E402
+from elsa_tf import layer_freezing, sieving  # noqa: E402
 from elsa_tf.experiments import checkpoint, datasets, optimizers, zoo  # noqa: E402
 from elsa_tf.experiments import config as config_lib  # noqa: E402
 
@@ -149,6 +149,17 @@ flags.DEFINE_integer(
     _D.sieving_interval,
     "Epochs between data sieving swaps (>= 1).",
 )
+flags.DEFINE_float(
+    "freeze_share",
+    _D.freeze_share,
+    "SpFDE layer freezing: share of each level's training FLOPs to save by "
+    "freezing front blocks once its masks are final, in [0, 1); 0 turns it off.",
+)
+flags.DEFINE_integer(
+    "freeze_interval",
+    _D.freeze_interval,
+    "Epochs between freezing one more front block (>= 1).",
+)
 flags.DEFINE_bool(
     "export_tflite", _D.export_tflite, "Export every level and a bundle to TFLite."
 )
@@ -228,6 +239,8 @@ for _name, _check in {
     "batch_size": _int("batch_size"),
     "sieving_share": lambda v: sieving.check_share(v),
     "sieving_interval": lambda v: sieving.check_interval(v),
+    "freeze_share": lambda v: layer_freezing.check_share(v),
+    "freeze_interval": lambda v: layer_freezing.check_interval(v),
     "learning_rate": _number("learning_rate", low=0.0, low_open=True),
     "weight_decay": _number("weight_decay", low=0.0, low_open=False),
     "baseline": config_lib.check_baselines,
@@ -302,6 +315,8 @@ def config_from_flags(base: config_lib.Config | None = None) -> config_lib.Confi
         "augment": FLAGS.augment,
         "sieving_share": FLAGS.sieving_share,
         "sieving_interval": FLAGS.sieving_interval,
+        "freeze_share": FLAGS.freeze_share,
+        "freeze_interval": FLAGS.freeze_interval,
         "export_tflite": FLAGS.export_tflite,
         "quantization": FLAGS.quantization,
         "baseline": FLAGS.baseline,

@@ -274,6 +274,11 @@ def train(
                 initial_epoch=state["epoch_in_level"],
                 recalibration_data=recalibration_data,
                 sieving=sieving,
+                layer_freezing=elsa_tf.LayerFreezing(
+                    config.freeze_share, config.freeze_interval
+                )
+                if config.freeze_share
+                else None,
                 # The pipeline shuffles, seeded; a sieve shuffles its examples.
                 shuffle=bool(sieving),
                 **({"batch_size": config.batch_size} if sieving else {}),

@@ -129,6 +129,8 @@ def test_main_trains_on_mocked_tfds_data(tmp_path):
         ("--epochs_per_level=two", r"flag --epochs_per_level=\['two'\]: "),
         ("--sieving_share=1.0", r"flag --sieving_share=1.0: .*Received: share=1.0"),
         ("--sieving_interval=0", "flag --sieving_interval=0: .*interval=0"),
+        ("--freeze_share=1.5", "flag --freeze_share=1.5: .*share=1.5"),
+        ("--freeze_interval=0", "flag --freeze_interval=0: .*interval=0"),
         ("--weight_decay=0.1", "optimizer=adam.*weight_decay=0.1: .*adamw"),
     ],
 )
