@@ -13,9 +13,15 @@ trains for each level (`--baseline=independent_elsa`, `--epochs` each):
   half the independent models' total, halving;
 * `sieving`: `full`, with SpFDE's circular data sieving (`--sieving_share`
   held out of each epoch, swapped every `--sieving_interval` epochs);
+* `front_loaded_even`: the same total with the later levels' epochs split
+  evenly (`decay=1.0`);
 * `front_loaded_sieving`: both, the budget made with
   `share=0.5 / (1 - sieving_share)` so that the examples trained on come to
-  about half of the independent models'.
+  about half of the independent models';
+* `freezing`: `full`, with SpFDE's progressive layer freezing aiming at
+  `--freeze_share` of each level's training FLOPs (from where the level's
+  masks are final: the last quarter of a level by default);
+* `all`: `front_loaded_sieving` with layer freezing.
 
 The table gives per level the mean +- std test accuracy over the seeds and
 its difference from the independent models, then per method the total
@@ -51,7 +57,16 @@ from _configs import CIFAR10_RESNET20, DIGITS, MNIST1D, run_configs  # noqa: E40
 from _output import write_json  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-METHODS = ("full", "half", "front_loaded", "sieving", "front_loaded_sieving")
+METHODS = (
+    "full",
+    "half",
+    "front_loaded",
+    "front_loaded_even",
+    "sieving",
+    "front_loaded_sieving",
+    "freezing",
+    "all",
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["digits", "mnist1d", "cifar10"], "Configurations.")
@@ -62,6 +77,9 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_float("sieving_share", 0.2, "Share held out by data sieving.")
 flags.DEFINE_integer("sieving_interval", 1, "Epochs between sieving swaps.")
+flags.DEFINE_float(
+    "freeze_share", 0.2, "Share of each level's FLOPs layer freezing aims to save."
+)
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_string("out", None, "Where to write the results as JSON.")
 
@@ -69,7 +87,9 @@ CONFIGS = {"digits": DIGITS, "mnist1d": MNIST1D, "cifar10": CIFAR10_RESNET20}
 COMMON = {"export_tflite": False, "augment": False}
 
 
-def method_fields(method, epochs, num_levels, sieving_share, sieving_interval):
+def method_fields(
+    method, epochs, num_levels, sieving_share, sieving_interval, freeze_share
+):
     """The Config fields of one ELSA method."""
     import elsa_tf
 
@@ -80,6 +100,23 @@ def method_fields(method, epochs, num_levels, sieving_share, sieving_interval):
         return {"epochs_per_level": max(round(epochs / 2), 1)}
     if method == "front_loaded":
         return {"epochs_per_level": elsa_tf.front_loaded(epochs, num_levels)}
+    if method == "front_loaded_even":
+        budget = elsa_tf.front_loaded(epochs, num_levels, decay=1.0)
+        return {"epochs_per_level": budget}
+    if method == "freezing":
+        return {"epochs_per_level": epochs, "freeze_share": freeze_share}
+    if method == "all":
+        return {
+            **method_fields(
+                "front_loaded_sieving",
+                epochs,
+                num_levels,
+                sieving_share,
+                sieving_interval,
+                freeze_share,
+            ),
+            "freeze_share": freeze_share,
+        }
     if method == "sieving":
         return {"epochs_per_level": epochs, **sieving}
     if method == "front_loaded_sieving":
@@ -89,7 +126,9 @@ def method_fields(method, epochs, num_levels, sieving_share, sieving_interval):
     raise app.UsageError(f"Unknown method. Expected one of {METHODS}: {method!r}")
 
 
-def run_config(name, seeds, workdir, *, methods, epochs, sieving, data_dir=None):
+def run_config(
+    name, seeds, workdir, *, methods, epochs, sieving, freeze_share, data_dir=None
+):
     """Every method of every seed; returns the per-seed figures."""
     from elsa_tf.experiments import datasets, run
     from elsa_tf.experiments.config import Config
@@ -103,7 +142,7 @@ def run_config(name, seeds, workdir, *, methods, epochs, sieving, data_dir=None)
     for seed in seeds:
         per_seed = {}
         for i, method in enumerate(methods):
-            extra = method_fields(method, epochs, num_levels, *sieving)
+            extra = method_fields(method, epochs, num_levels, *sieving, freeze_share)
             # The independent models train once per seed, beside the first.
             baselines = ("independent_elsa",) if i == 0 else ()
             config = Config(**fields, **extra, seed=seed, baseline=baselines)
@@ -137,6 +176,7 @@ def run_config(name, seeds, workdir, *, methods, epochs, sieving, data_dir=None)
         "fields": {k: v for k, v in fields.items() if k != "data_dir"},
         "epochs": epochs,
         "sieving": {"share": sieving[0], "interval": sieving[1]},
+        "freeze_share": freeze_share,
         "sparsities": list(fields["sparsities"]),
         "seeds": list(seeds),
         "runs": out,
@@ -248,6 +288,7 @@ def main(argv):
                 methods=methods,
                 epochs=FLAGS.epochs,
                 sieving=(FLAGS.sieving_share, FLAGS.sieving_interval),
+                freeze_share=FLAGS.freeze_share,
                 data_dir=FLAGS.data_dir,
             ),
             summarize,

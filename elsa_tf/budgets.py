@@ -75,20 +75,25 @@ def level_epochs(epochs_per_level, num_levels: int) -> list[int]:
     return [budget] * num_levels if isinstance(budget, int) else budget
 
 
-def front_loaded(epochs: int, num_levels: int, share: float = 0.5) -> list[int]:
+def front_loaded(
+    epochs: int, num_levels: int, share: float = 0.5, decay: float = 0.5
+) -> list[int]:
     """A budget that gives the sparsest level the most epochs, later ones less.
 
     The sparsest level trains from scratch, as a separately trained model
     does, so it gets that model's `epochs`. Every later level starts from
     the level before it and shares what is left of `share` times the epochs
-    of `num_levels` separate models, halving from one level to the next
-    (at least one epoch each).
+    of `num_levels` separate models, each level's share `decay` times the
+    one before it's (halving by default; 1 splits it evenly), at least one
+    epoch each.
 
     Args:
         epochs: the epochs of one separately trained (one-level) model.
         num_levels: the number of levels.
         share: ELSA's total epochs as a share of the separate models' total,
             `epochs * num_levels`.
+        decay: the ratio of a level's share of the later epochs to the
+            previous level's, in (0, 1].
 
     Returns:
         One positive int per level, sparsest first; they sum to
@@ -96,13 +101,15 @@ def front_loaded(epochs: int, num_levels: int, share: float = 0.5) -> list[int]:
         epoch for every level after the first, more otherwise.
 
     Raises:
-        ValueError: for `epochs` or `num_levels` below 1, or `share` outside
-            (0, 1].
+        ValueError: for `epochs` or `num_levels` below 1, or `share` or
+            `decay` outside (0, 1].
 
     >>> front_loaded(6, 4)
     [6, 3, 2, 1]
     >>> front_loaded(6, 4, share=0.33)
     [6, 1, 1, 1]
+    >>> front_loaded(6, 4, decay=1.0)
+    [6, 2, 2, 2]
     """
     for name, value in (("epochs", epochs), ("num_levels", num_levels)):
         if not _is_int(value) or value < 1:
@@ -111,13 +118,15 @@ def front_loaded(epochs: int, num_levels: int, share: float = 0.5) -> list[int]:
             )
     if not 0.0 < share <= 1.0:
         raise ValueError(f"share must be in (0, 1]. Received: share={share!r}")
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay must be in (0, 1]. Received: decay={decay!r}")
     if num_levels == 1:
         return [epochs]
     later = max(round(share * epochs * num_levels) - epochs, num_levels - 1)
-    # Halving shares 1/2, 1/4, ... of `later`, at least one epoch each; the
+    # Shares 1, decay, decay^2, ... of `later`, at least one epoch each; the
     # epochs above that go one by one to the level furthest below its share
     # (the earlier on a tie), which keeps the list non-increasing.
-    weights = [2.0 ** -(k + 1) for k in range(num_levels - 1)]
+    weights = [decay**k for k in range(num_levels - 1)]
     share_of = [later * w / sum(weights) for w in weights]
     counts = [1] * (num_levels - 1)
     for _ in range(later - sum(counts)):

@@ -1,11 +1,12 @@
 """Level budgets: `epochs_per_level` as a list, and `budgets.front_loaded`."""
 
+import json
 import warnings
 
 import keras
 import numpy as np
 import pytest
-from conftest import LOSS, mlp, vector_data
+from conftest import LOSS, mlp, run_readme_block, vector_data
 
 import elsa_tf
 from elsa_tf import budgets, model_ops
@@ -216,3 +217,14 @@ def test_cli_config_takes_a_list_and_checkpoints_count_each_level(
         (1, 0, 2),
         (2, 0, 3),
     ]
+
+
+def test_readme_training_for_less_runs_verbatim(tmp_path):
+    result = run_readme_block("training-for-less", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    # 512 examples, 20% held out: 410 an epoch, over the [6, 3, 2, 1] budget.
+    assert json.loads(lines[-2]) == [[410] * 6, [410] * 3, [410] * 2, [410]]
+    frozen = json.loads(lines[-1])
+    assert [len(f) for f in frozen] == [6, 3, 2, 1]
+    assert max(max(f) for f in frozen) >= 1  # some block froze in level 0
