@@ -134,9 +134,19 @@ def required_modules(config: Config) -> dict[str, str]:
     return modules
 
 
-def check_sparsifier_options(sparsifier: str, selection: str, granularity: str):
+def default_selection(sparsifier: str) -> str:
+    """The selection a sparsifier gets when none is given: LAMP, the
+    library's default, or the first a channel-only sparsifier takes
+    (`"per_layer"` for polarized gates, which LAMP does not apply to)."""
+    return CHANNEL_ONLY.get(sparsifier, (sparsifiers.DEFAULT_SELECTION,))[0]
+
+
+def check_sparsifier_options(sparsifier: str, selection, granularity: str):
     """Raises ValueError for a sparsifier that cannot take the selection or
-    granularity, naming the setting to change."""
+    granularity, naming the setting to change. A `selection` of None is the
+    sparsifier's default (`default_selection`)."""
+    if selection is None:
+        selection = default_selection(sparsifier) if sparsifier in SPARSIFIERS else None
     _check_choice("sparsifier", sparsifier, SPARSIFIERS)
     _check_choice("selection", selection, SELECTIONS)
     _check_choice("granularity", granularity, GRANULARITIES)
@@ -169,6 +179,8 @@ def check_epochs_flag(values) -> int | tuple[int, ...]:
     """
     if isinstance(values, str):
         values = values.split(",")
+    elif not isinstance(values, (list, tuple)):
+        values = [values]  # one number, as code setting the flag may pass it
     try:
         parsed = [int(str(v).strip()) for v in values]
     except ValueError:
@@ -274,8 +286,10 @@ class Config:
     weight_decay: float = 0.0
     sparsifier: str = "gradual_magnitude"
     schedule: str = "polynomial_decay"
-    # The library's default (elsa_tf.sparsifiers.DEFAULT_SELECTION).
-    selection: str = sparsifiers.DEFAULT_SELECTION
+    # None: the library's default (elsa_tf.sparsifiers.DEFAULT_SELECTION,
+    # LAMP), or the first selection a channel-only sparsifier takes
+    # (`default_selection`).
+    selection: str | None = None
     # The library's default: single weights.
     granularity: str = "weight"
     # None: the library's default for the granularity ("freeze" for single
@@ -335,6 +349,9 @@ class Config:
         check_float("learning_rate", self.learning_rate, low=0.0, low_open=True)
         check_float("weight_decay", self.weight_decay, low=0.0, low_open=False)
         check_optimizer(self.optimizer, self.learning_rate, self.weight_decay)
+        if self.selection is None:
+            _check_choice("sparsifier", self.sparsifier, SPARSIFIERS)
+            object.__setattr__(self, "selection", default_selection(self.sparsifier))
         check_sparsifier_options(self.sparsifier, self.selection, self.granularity)
         _check_choice("schedule", self.schedule, SCHEDULES)
         if self.shared is None:

@@ -109,11 +109,12 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "selection",
-    _D.selection,
+    None,
     list(config_lib.SELECTIONS),
     "Rank weight magnitudes across all layers (global), within each layer "
     "(per_layer), or across all layers by layer-adaptive LAMP scores (lamp), "
-    "which never empty a layer.",
+    "which never empty a layer. Default: lamp, or per_layer for "
+    "polarized_gates.",
 )
 flags.DEFINE_enum(
     "granularity",

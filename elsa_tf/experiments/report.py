@@ -144,10 +144,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append("")
 
     lines += ["## Levels", ""]
+    # At channel granularity a level's target is a share of channels: the
+    # table gives the channels removed and, apart, the weights removed.
+    channels = any(lv.get("achieved_channel_sparsity") is not None for lv in levels)
     header = [
         "Level",
-        "Target sparsity",
-        "Achieved sparsity",
+        "Target sparsity (channels)" if channels else "Target sparsity",
+        *(["Channels removed", "Weights removed"] if channels else []),
+        *([] if channels else ["Achieved sparsity"]),
         "Accuracy (Keras)",
         "Accuracy (TFLite)",
         "TFLite size",
@@ -164,6 +168,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         row = [
             str(level["level"]),
             _percent(level["target_sparsity"]),
+            *([_percent(level.get("achieved_channel_sparsity"))] if channels else []),
             _percent(level["achieved_sparsity"]),
             _percent(level["accuracy"]),
             _percent(level.get("tflite_accuracy")),

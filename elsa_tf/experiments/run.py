@@ -479,6 +479,8 @@ def train_and_evaluate(
                 "level": k,
                 "target_sparsity": row["target_sparsity"],
                 "achieved_sparsity": row["achieved_sparsity"],
+                # At channel granularity the target is a share of channels.
+                "achieved_channel_sparsity": row.get("achieved_channel_sparsity"),
                 "accuracy": accuracies[k],
                 "tflite_accuracy": file_row.get("accuracy"),
                 "tflite_bytes": file_row.get("bytes"),
