@@ -68,6 +68,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from _counts import multiply_adds  # noqa: E402
 from _output import write_json  # noqa: E402
 from _timing import interleaved_invoke_ms  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -125,33 +126,6 @@ def build(name, *, mobilenet_size, width=1.0):
 
         return zoo.build("resnet20", (32, 32, 3), 10, width=width)
     raise ValueError(f"Unknown model. Expected one of {MODELS}. Received: {name!r}")
-
-
-def multiply_adds(model) -> int:
-    """Multiply-adds of one example through every Conv*D, DepthwiseConv*D
-    and Dense layer: output positions times kernel elements (a kernel's
-    input and output channels included)."""
-    import keras
-
-    kinds = (
-        keras.layers.Conv1D,
-        keras.layers.Conv2D,
-        keras.layers.Conv3D,
-        keras.layers.DepthwiseConv1D,
-        keras.layers.DepthwiseConv2D,
-        keras.layers.Dense,
-    )
-    total = 0
-    for layer in model.layers:
-        if type(layer) in kinds:
-            positions = int(np.prod(layer.output.shape[1:-1], dtype=np.int64))
-            total += positions * int(np.prod(layer.kernel.shape, dtype=np.int64))
-        elif isinstance(layer, kinds):
-            raise ValueError(
-                f"Cannot count the multiply-adds of layer {layer.name!r} of "
-                f"type {type(layer).__name__} (a subclass)."
-            )
-    return total
 
 
 def pinned_groups(model) -> list[dict]:

@@ -42,7 +42,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 from _configs import CIFAR10_RESNET20, DIGITS, MNIST1D, run_configs  # noqa: E402
-from _output import write_json  # noqa: E402
+from _output import mean_std, write_json  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -161,11 +161,6 @@ def _train_with_carry(config, directory, carry):
         return run.train_and_evaluate(config, directory, verbose=0)
 
 
-def _stats(values):
-    values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std())}
-
-
 def summarize(result: dict) -> dict:
     """Mean and std over seeds of every column of the table."""
     runs = result["runs"]
@@ -180,18 +175,20 @@ def summarize(result: dict) -> dict:
     for k in range(num_levels):
         row = {"level": k, "sparsity": result["sparsities"][k]}
         for name, values in columns.items():
-            row[name] = _stats([100 * v[k] for v in values])
+            row[name] = mean_std([100 * v[k] for v in values])
         for label in ("gradual_magnitude", "dpf"):
             elsa = columns[f"elsa_{label}"]
             for other, name in (
                 (f"independent_{label}", "independent"),
                 ("tfmot",) * 2,
             ):
-                row[f"{label}_vs_{name}"] = _stats(
+                row[f"{label}_vs_{name}"] = mean_std(
                     [100 * (e[k] - o[k]) for e, o in zip(elsa, columns[other])]
                 )
-        row["dpf_reactivations"] = _stats([r["dpf"]["reactivations"][k] for r in runs])
-        row["gradual_magnitude_zero_share"] = _stats(
+        row["dpf_reactivations"] = mean_std(
+            [r["dpf"]["reactivations"][k] for r in runs]
+        )
+        row["gradual_magnitude_zero_share"] = mean_std(
             [
                 100 * r["gradual_magnitude"].get("zero_share", [np.nan] * num_levels)[k]
                 for r in runs
@@ -200,7 +197,7 @@ def summarize(result: dict) -> dict:
         levels.append(row)
 
     def seconds_of(label, baseline=None):
-        return _stats(
+        return mean_std(
             [
                 r[label]["seconds"]
                 if baseline is None

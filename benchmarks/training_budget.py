@@ -52,9 +52,8 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 from _configs import CIFAR10_RESNET20, DIGITS, MNIST1D, run_configs  # noqa: E402
-from _output import write_json  # noqa: E402
+from _output import mean_std, write_json  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 METHODS = (
@@ -183,11 +182,6 @@ def run_config(
     }
 
 
-def _stats(values):
-    values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std())}
-
-
 def summarize(result: dict) -> dict:
     """Mean and std over seeds: accuracy per level, and each method's cost
     over the independent models'."""
@@ -197,9 +191,9 @@ def summarize(result: dict) -> dict:
     for k, sparsity in enumerate(result["sparsities"]):
         row = {"level": k, "sparsity": sparsity}
         for m in ("independent", *methods):
-            row[m] = _stats([100 * r[m]["accuracy"][k] for r in runs])
+            row[m] = mean_std([100 * r[m]["accuracy"][k] for r in runs])
         for m in methods:
-            row[f"{m}_vs_independent"] = _stats(
+            row[f"{m}_vs_independent"] = mean_std(
                 [
                     100 * (r[m]["accuracy"][k] - r["independent"]["accuracy"][k])
                     for r in runs
@@ -210,11 +204,11 @@ def summarize(result: dict) -> dict:
     for m in ("independent", *methods):
         cost[m] = {
             "epochs_per_level": runs[0][m]["epochs_per_level"],
-            "seconds": _stats([r[m]["seconds"] for r in runs]),
-            "time_ratio": _stats(
+            "seconds": mean_std([r[m]["seconds"] for r in runs]),
+            "time_ratio": mean_std(
                 [r[m]["seconds"] / r["independent"]["seconds"] for r in runs]
             ),
-            "examples_ratio": _stats(
+            "examples_ratio": mean_std(
                 [r[m]["examples"] / r["independent"]["examples"] for r in runs]
             ),
         }

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from elsa_tf import _keras_compat
+from elsa_tf import _checks, _keras_compat
 from elsa_tf import channels as channels_lib
 
 # At most this many blocks in an automatic split. ELSA's levels are a few
@@ -57,30 +57,12 @@ DEFAULT_MAX_BLOCKS = 4
 
 def check_share(share) -> float:
     """`share` as a float; ValueError naming it unless it is in [0, 1)."""
-    if (
-        isinstance(share, bool)
-        or not isinstance(share, numbers.Real)
-        or not 0.0 <= float(share) < 1.0
-    ):
-        raise ValueError(
-            "The layer freezing share must be a number in [0, 1). "
-            f"Received: share={share!r}"
-        )
-    return float(share)
+    return _checks.check_share(share, "layer freezing")
 
 
 def check_interval(interval) -> int:
     """`interval` as an int; ValueError naming it unless it is an int >= 1."""
-    if (
-        isinstance(interval, bool)
-        or not isinstance(interval, numbers.Integral)
-        or interval < 1
-    ):
-        raise ValueError(
-            "The layer freezing interval must be an int of at least 1 epoch. "
-            f"Received: interval={interval!r}"
-        )
-    return int(interval)
+    return _checks.check_interval(interval, "layer freezing")
 
 
 def _check_start(start) -> float | None:

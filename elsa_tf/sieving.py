@@ -28,10 +28,11 @@ queue = sieve_step(queue, difficulty(tracker))
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 
 import numpy as np
+
+from elsa_tf import _checks
 
 # SpFDE's "20% + 20%" result removes 20% of the data.
 DEFAULT_SHARE = 0.2
@@ -45,16 +46,7 @@ def check_share(share) -> float:
     Raises:
         ValueError: for a share outside [0, 1), or one that is not a number.
     """
-    if (
-        isinstance(share, bool)
-        or not isinstance(share, numbers.Real)
-        or not math.isfinite(share)
-        or not 0 <= share < 1
-    ):
-        raise ValueError(
-            f"The sieving share must be a number in [0, 1). Received: share={share!r}"
-        )
-    return float(share)
+    return _checks.check_share(share, "sieving")
 
 
 def check_interval(interval) -> int:
@@ -63,16 +55,7 @@ def check_interval(interval) -> int:
     Raises:
         ValueError: for an interval below 1, or one that is not an int.
     """
-    if (
-        isinstance(interval, bool)
-        or not isinstance(interval, numbers.Integral)
-        or interval < 1
-    ):
-        raise ValueError(
-            "The sieving interval must be an int of at least 1 epoch. "
-            f"Received: interval={interval!r}"
-        )
-    return int(interval)
+    return _checks.check_interval(interval, "sieving")
 
 
 def check_seed(seed) -> int:
