@@ -375,3 +375,30 @@ def test_lite_tools_do_not_import_tensorflow(exported, tool, args, printed):
     assert done.returncode == 0, done.stderr
     assert "HEAVY: []" in done.stdout
     assert printed in done.stdout
+
+
+def test_inspect_reports_a_channel_bundle_level_by_level(tmp_path):
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(32, 8, 8, 1)).astype("float32")
+    y = np.arange(32) % 4
+    base = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(8, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4),
+        ]
+    )
+    model = finish_levels(elsa_tf.embed(base, [0.5, 0.0], granularity="channel"))
+    elsa_tf.export_tflite(model, tmp_path / "export", evaluation_data=(x, y))
+    report = inspect_tflite.run(str(tmp_path / "export" / "bundle.tflite"))
+    assert report["kind"] == "channel_bundle"
+    narrow, dense = report["levels"]
+    # Level 0 keeps 4 of the 8 filters: fewer weights in the conv, its
+    # normalization and the Dense layer's input.
+    assert narrow["constant_elements"] < dense["constant_elements"]
+    assert dense["edits"] == {} and narrow["edits"]
+    text = inspect_tflite.text(report)
+    assert "Channel bundle" in text and "shape vector" in text

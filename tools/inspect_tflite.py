@@ -33,6 +33,7 @@ from elsa_tf import lite
 # elsa_tf.lite has no public reader of a file's tensors: its own is used here.
 from elsa_tf.lite import _flatbuffer as fb
 from elsa_tf.lite import bundle as bundle_lib
+from elsa_tf.lite import channel_bundle
 
 FLAGS = flags.FLAGS
 # `path` is also defined by tools/benchmark_device.py; allow_override lets
@@ -156,6 +157,44 @@ def _bundle_report(path: str, bundle: lite.Bundle, per_tensor: bool) -> dict:
     return report
 
 
+def _edit_kind(edit: dict) -> str:
+    """What one edit of a channel bundle does, in a word or two."""
+    if "vector" in edit:
+        return f"{edit['vector'][-1]} vector"
+    if "bytes" in edit:
+        return "own bytes"
+    return "scaled slice" if "scale" in edit else "slice"
+
+
+def _channel_bundle_report(path: str, bundle) -> dict:
+    """A channel bundle: each level's constant elements once made (its
+    weights, narrower than the densest level's) and its edits by kind."""
+    rows = []
+    for position, level in enumerate(bundle.levels):
+        made = bundle.materialize(level)
+        constants = fb.constant_tensors(fb.read_model(made))
+        kinds = {}
+        for edit in bundle.edits()[position]:
+            kind = _edit_kind(edit)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        rows.append(
+            {
+                "level": level,
+                "constant_elements": int(
+                    sum(np.prod(t.shape, dtype=np.int64) for t in constants.values())
+                ),
+                "edits": kinds,
+            }
+        )
+    return {
+        "kind": "channel_bundle",
+        "path": path,
+        "bytes": len(bundle.data),
+        "gzip_bytes": gzip_size(bundle.data),
+        "levels": rows,
+    }
+
+
 def _check(path: str, entry: dict) -> tuple[bytes | None, dict]:
     """A file of the manifest: its bytes and size, gzip size and hash status."""
     file_path = os.path.join(path, entry["file"])
@@ -219,8 +258,8 @@ def run(path: str, per_tensor: bool = False) -> dict:
             level file, for an export directory).
 
     Returns:
-        A dict whose `"kind"` is `"export"`, `"bundle"` or `"file"`; `text`
-        renders it.
+        A dict whose `"kind"` is `"export"`, `"bundle"`, `"channel_bundle"`
+        or `"file"`; `text` renders it.
 
     Raises:
         FileNotFoundError: if `path` does not exist.
@@ -237,6 +276,8 @@ def run(path: str, per_tensor: bool = False) -> dict:
     model = _model(data, path)
     if bundle_lib.METADATA_NAME in model.metadata:
         return _bundle_report(path, lite.read_bundle(path), per_tensor)
+    if channel_bundle.METADATA_NAME in model.metadata:
+        return _channel_bundle_report(path, lite.read_bundle(path))
     return _file_report(path, per_tensor)
 
 
@@ -335,6 +376,28 @@ def text(report: dict) -> str:
         for name, rows in report.get("tensors", {}).items():
             out += ["", f"{name}:", "", _tensor_table(rows)]
         return "\n".join(out)
+    if kind == "channel_bundle":
+        return "\n".join(
+            [
+                f"Channel bundle {report['path']}: {report['bytes']} bytes "
+                f"({report['gzip_bytes']} gzipped): each level a narrower "
+                "network made from the densest file",
+                "",
+                markdown(
+                    ["level", "constant elements", "edits"],
+                    [
+                        [
+                            r["level"],
+                            r["constant_elements"],
+                            ", ".join(
+                                f"{k} {n}" for k, n in sorted(r["edits"].items())
+                            ),
+                        ]
+                        for r in report["levels"]
+                    ],
+                ),
+            ]
+        )
     if kind == "bundle":
         levels = report["levels"]
         out = [
