@@ -231,6 +231,9 @@ class ElsaModel(keras.Model):
             the block shape of rank-2 weights, and `"weight"` or `"channel"`
             (see `elsa_tf.embed`). Files saved
             by elsa_tf 0.2.0 hold these instead of a sparsifier.
+        keep_whole: at channel granularity, names of layers of `inner_model`
+            whose output width every level keeps (`elsa_tf.channels`); None
+            for none but the model's outputs.
         **kwargs: base `Model` arguments such as `name`.
     """
 
@@ -245,6 +248,7 @@ class ElsaModel(keras.Model):
         selection: str | None = None,
         block_shape: tuple[int, int] | None = None,
         granularity: str | None = None,
+        keep_whole=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -287,6 +291,22 @@ class ElsaModel(keras.Model):
                 "weights are the members of the model's unpinned channel groups. "
                 f"Received: prune={self.prune!r}"
             )
+        if keep_whole is not None:
+            if isinstance(keep_whole, str) or not all(
+                isinstance(name, str) for name in keep_whole
+            ):
+                raise ValueError(
+                    "keep_whole must be a list of layer names. "
+                    f"Received: keep_whole={keep_whole!r}"
+                )
+            keep_whole = list(keep_whole)
+            if self.granularity != "channel":
+                raise ValueError(
+                    "keep_whole applies to granularity='channel' only. "
+                    f"Received: keep_whole={keep_whole!r}, "
+                    f"granularity={self.granularity!r}"
+                )
+        self.keep_whole = keep_whole
         self.inner_model = inner_model
         self._inner_takes_training = (
             "training" in inspect.signature(inner_model.call).parameters
@@ -487,7 +507,9 @@ class ElsaModel(keras.Model):
         shared weights.
         """
         try:
-            groups = channels_lib.channel_groups(self.inner_model)
+            groups = channels_lib.channel_groups(
+                self.inner_model, keep_whole=self.keep_whole or ()
+            )
         except ValueError as e:
             raise ValueError(
                 f"granularity='channel' cannot be used on model "
@@ -818,6 +840,7 @@ class ElsaModel(keras.Model):
             # As a Keras object, so that a LevelSchedule subclass comes back.
             "schedule": keras.saving.serialize_keras_object(self.schedule),
             "sparsifier": keras.saving.serialize_keras_object(self.sparsifier),
+            "keep_whole": self.keep_whole,
         }
 
     @classmethod

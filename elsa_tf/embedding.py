@@ -153,6 +153,7 @@ def embed(
     shared: str | None = None,
     block_shape: tuple[int, int] | None = None,
     granularity: str | None = None,
+    keep_whole=None,
 ) -> keras.Model:
     """Embeds nested sparse levels into a copy of `model`.
 
@@ -230,6 +231,11 @@ def embed(
             with `selection="per_layer"`, across groups with `"global"`; every
             group keeps at least one channel. Needs a Functional or
             Sequential model; `prune` and `block_shape` do not apply.
+        keep_whole: at `granularity="channel"`, names of layers whose output
+            width every level keeps (a residual stream, a layer another
+            program reads), besides the model's outputs, which always are:
+            the channel groups they belong to are pinned. None keeps only
+            the outputs whole.
 
     Returns:
         The embedded model, uncompiled, at level 0.
@@ -270,6 +276,12 @@ def embed(
             "are the members of the model's unpinned channel groups. "
             f"Received: prune={prune!r}"
         )
+    if keep_whole is not None and sparsifier.granularity != "channel":
+        raise ValueError(
+            "keep_whole keeps layers' channels whole at granularity='channel'; "
+            f"it does not apply to granularity={sparsifier.granularity!r}. "
+            f"Received: keep_whole={keep_whole!r}"
+        )
     schedule = schedules.get(schedule)
     should_prune = _prune_predicate(model, prune)
     # A weight is pruned when the layer that holds it, or any layer around
@@ -308,6 +320,7 @@ def embed(
         shared=shared,
         schedule=schedule,
         sparsifier=sparsifier,
+        keep_whole=keep_whole,
         name=f"elsa_{model.name}",
     )
 
@@ -347,7 +360,7 @@ def extract(model: keras.Model, level: int, physical: bool = False) -> keras.Mod
     if not physical:
         return masked
     keep = model_ops.channel_keep(owner, level)
-    groups = channels.channel_groups(masked)
+    groups = channels.channel_groups(masked, keep_whole=owner.keep_whole or ())
     if [g.size for g in groups] != [g.size for g in owner.channel_groups]:
         raise RuntimeError(
             f"The copy of model {owner.inner_model.name!r} has other channel "

@@ -440,3 +440,73 @@ def test_channel_levels_keep_normalization_statistics_per_level_by_default():
     assert embed("conv_bn_gap", shared="freeze").shared == "freeze"
     weights = elsa_tf.embed(MODELS["conv_bn_gap"](), SPARSITIES)
     assert weights.shared == "freeze"
+
+
+def residual_block():
+    """Stem conv 4 -> [conv 6 -> BN -> ReLU -> conv 4] added -> depthwise ->
+    GAP -> Dense 6 -> Dense 3: a residual stream and two inner groups."""
+    inputs = keras.Input((8, 8, 1), name="x")
+    stem = L.Conv2D(4, 3, padding="same", activation="relu", name="stem")(inputs)
+    h = L.Conv2D(6, 3, padding="same", name="inner")(stem)
+    h = L.BatchNormalization(name="inner_bn")(h)
+    h = L.ReLU(name="inner_relu")(h)
+    h = L.Conv2D(4, 3, padding="same", name="branch")(h)
+    h = L.Add(name="add")([stem, h])
+    h = L.DepthwiseConv2D(3, padding="same", name="dw")(h)
+    h = L.GlobalAveragePooling2D(name="gap")(h)
+    h = L.Dense(6, activation="relu", name="hidden")(h)
+    return keras.Model(inputs, L.Dense(3, name="fc")(h), name="residual_block")
+
+
+def test_keep_whole_pins_the_named_layers_channels(tmp_path):
+    # The residual stream (stem, branch, add, dw) kept whole: the inner conv
+    # and the hidden Dense layer still narrow; the stream keeps its width.
+    model = elsa_tf.embed(
+        residual_block(),
+        SPARSITIES,
+        granularity="channel",
+        selection="per_layer",
+        keep_whole=["add"],
+    )
+    plain = elsa_tf.embed(
+        residual_block(), SPARSITIES, granularity="channel", selection="per_layer"
+    )
+    assert len(model.channel_layout) == len(plain.channel_layout) - 1
+    finish_all(model)
+    x, _ = data(8)
+    for k in range(model.num_levels):
+        small = elsa_tf.extract(model, k, physical=True)
+        assert small.get_layer("stem").filters == 4
+        assert small.get_layer("branch").filters == 4
+        if SPARSITIES[k] > 0:
+            assert small.get_layer("inner").filters < 6
+            assert small.get_layer("hidden").units < 6
+        np.testing.assert_allclose(
+            small.predict(x, verbose=0),
+            elsa_tf.extract(model, k).predict(x, verbose=0),
+            atol=1e-5,
+        )
+    path = tmp_path / "keep_whole.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.keep_whole == ["add"]
+    assert len(loaded.channel_layout) == len(model.channel_layout)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(keep_whole=["nope"]), ValueError, r"unknown=\['nope'\]"),
+        (dict(keep_whole="add"), ValueError, "keep_whole='add'"),
+        (dict(granularity="weight", keep_whole=["add"]), ValueError, "weight"),
+        (
+            dict(keep_whole=["add", "inner", "hidden"]),
+            ValueError,
+            "No layer of model 'residual_block' can be narrowed",
+        ),
+    ],
+)
+def test_keep_whole_bad_input(kwargs, error, match):
+    options = {"granularity": "channel", **kwargs}
+    with pytest.raises(error, match=match):
+        elsa_tf.embed(residual_block(), SPARSITIES, selection="per_layer", **options)
