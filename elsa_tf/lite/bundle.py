@@ -263,15 +263,13 @@ def _parse(payload: bytes) -> _Payload:
     return _Payload(header, packed_map, tuple(blobs))
 
 
-class Bundle:
-    """A bundle read into memory; `materialize(level)` makes any level."""
+class BundleLevels:
+    """What every kind of bundle has: the densest file's bytes (`data`) and
+    a header naming the levels it holds. Subclasses set `_data` and
+    `header`."""
 
-    def __init__(self, data: bytes, model: fb.ModelRef, payload: _Payload):
-        self._data = data
-        self._model = model
-        self.header = payload.header
-        self._payload = payload
-        self._codes = None
+    _data: bytes
+    header: dict
 
     @property
     def num_levels(self) -> int:
@@ -288,14 +286,31 @@ class Bundle:
         return self._data
 
     def _position(self, level) -> int:
-        """Where `level` is among the bundle's levels (its code in the map)."""
+        """Where `level` is among the bundle's levels (its code in the map).
+
+        Raises:
+            TypeError: for a level that is not an int.
+            BundleError: for a level the bundle does not hold (a damaged
+                header may also hide one).
+        """
         if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
             raise TypeError(f"level must be an int. Received: level={level!r}")
         if int(level) not in self.levels:
-            raise ValueError(
+            raise BundleError(
                 f"This bundle holds levels {self.levels}. Received: level={level}"
             )
         return self.levels.index(int(level))
+
+
+class Bundle(BundleLevels):
+    """A bundle read into memory; `materialize(level)` makes any level."""
+
+    def __init__(self, data: bytes, model: fb.ModelRef, payload: _Payload):
+        self._data = data
+        self._model = model
+        self.header = payload.header
+        self._payload = payload
+        self._codes = None
 
     def codes(self) -> list[np.ndarray]:
         """The level map, one uint8 array per nested buffer (K = unused)."""

@@ -450,7 +450,7 @@ def _check_header(header: dict) -> None:
         )
 
 
-class ChannelBundle:
+class ChannelBundle(bundle_lib.BundleLevels):
     """A channel bundle read into memory; `materialize(level)` makes a level.
 
     Has the weight bundle's interface (`levels`, `num_levels`, `data`,
@@ -464,31 +464,6 @@ class ChannelBundle:
         self._packed = packed
         self._raw = None
         self._edits = None
-
-    @property
-    def num_levels(self) -> int:
-        return int(self.header["num_levels"])
-
-    @property
-    def levels(self) -> list[int]:
-        """The model's level indices the bundle holds, sparsest first."""
-        return list(self.header.get("levels", range(self.num_levels)))
-
-    @property
-    def data(self) -> bytes:
-        """The bundle's own bytes: the densest level, ready to run."""
-        return self._data
-
-    def _position(self, level) -> int:
-        if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
-            raise TypeError(f"level must be an int. Received: level={level!r}")
-        if int(level) not in self.levels:
-            # A BundleError (a ValueError): a changed header may also hide
-            # a level.
-            raise BundleError(
-                f"This bundle holds levels {self.levels}. Received: level={level}"
-            )
-        return self.levels.index(int(level))
 
     def _raw_data(self) -> bytes:
         if self._raw is None:
