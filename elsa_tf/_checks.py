@@ -10,6 +10,15 @@ import math
 import numbers
 
 
+def is_int_at_least(value, low: int) -> bool:
+    """Whether `value` is an int (not a bool) of at least `low`."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Integral)
+        and value >= low
+    )
+
+
 def check_share(share, what: str) -> float:
     """`share` as a float; ValueError unless it is a finite number in [0, 1).
 
@@ -36,11 +45,7 @@ def check_interval(interval, what: str) -> int:
         interval: the value to check, in epochs.
         what: the option it belongs to, for the message ("sieving").
     """
-    if (
-        isinstance(interval, bool)
-        or not isinstance(interval, numbers.Integral)
-        or interval < 1
-    ):
+    if not is_int_at_least(interval, 1):
         raise ValueError(
             f"The {what} interval must be an int of at least 1 epoch. "
             f"Received: interval={interval!r}"

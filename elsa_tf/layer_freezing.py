@@ -81,11 +81,7 @@ def _check_start(start) -> float | None:
 
 
 def _check_max_blocks(max_blocks) -> int:
-    if (
-        isinstance(max_blocks, bool)
-        or not isinstance(max_blocks, numbers.Integral)
-        or max_blocks < 2
-    ):
+    if not _checks.is_int_at_least(max_blocks, 2):
         raise ValueError(
             "max_blocks must be an int of at least 2 (one block always trains). "
             f"Received: max_blocks={max_blocks!r}"

@@ -276,11 +276,7 @@ def initial_queue(num_examples: int, share: float, seed: int = 0) -> SieveQueue:
     """
     share = check_share(share)
     seed = check_seed(seed)
-    if (
-        isinstance(num_examples, bool)
-        or not isinstance(num_examples, numbers.Integral)
-        or num_examples < 1
-    ):
+    if not _checks.is_int_at_least(num_examples, 1):
         raise ValueError(
             "Sieving needs at least one example. Received: "
             f"num_examples={num_examples!r}"
