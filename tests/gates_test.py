@@ -458,8 +458,14 @@ def test_training_program_settings():
     config_lib.check_sparsifier_options("polarized_gates", "per_layer", "channel")
     with pytest.raises(ValueError, match="needs granularity='channel'"):
         config_lib.Config(sparsifier="polarized_gates")
+    # Without a selection, gates get per_layer (LAMP does not apply to them).
+    default = config_lib.Config(sparsifier="polarized_gates", granularity="channel")
+    assert default.selection == "per_layer"
+    assert config_lib.Config().selection == "lamp"
     with pytest.raises(ValueError, match=r"selection in \['per_layer', 'global'\]"):
-        config_lib.Config(sparsifier="polarized_gates", granularity="channel")
+        config_lib.Config(
+            sparsifier="polarized_gates", granularity="channel", selection="lamp"
+        )
     with pytest.raises(ValueError, match="granularity='block'"):
         config_lib.Config(granularity="block")
     config = config_lib.Config(
