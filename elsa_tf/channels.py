@@ -207,6 +207,22 @@ def member_indices(member: Member, channels) -> np.ndarray:
     return (member.offset + array.astype(np.int64)[None, :] + repeats).reshape(-1)
 
 
+def check_keep_whole(keep_whole) -> list[str]:
+    """`keep_whole` as a list of layer names.
+
+    Raises:
+        ValueError: for a string or a sequence holding anything but names.
+    """
+    if isinstance(keep_whole, str) or not all(
+        isinstance(name, str) for name in keep_whole
+    ):
+        raise ValueError(
+            "keep_whole must be a sequence of layer names. "
+            f"Received: keep_whole={keep_whole!r}"
+        )
+    return list(keep_whole)
+
+
 def channel_groups(
     model: keras.Model, keep_whole: Sequence[str] = ()
 ) -> list[ChannelGroup]:
@@ -235,13 +251,7 @@ def channel_groups(
         >>> [(g.size, g.pinned is None) for g in channel_groups(model)]
         [(4, False), (3, True), (2, False)]
     """
-    if isinstance(keep_whole, str) or not all(
-        isinstance(name, str) for name in keep_whole
-    ):
-        raise ValueError(
-            "keep_whole must be a sequence of layer names. "
-            f"Received: keep_whole={keep_whole!r}"
-        )
+    keep_whole = check_keep_whole(keep_whole)
     nodes = _graph_nodes(model)
     names = {node.operation.name for node in nodes}
     unknown = sorted(set(keep_whole) - names)

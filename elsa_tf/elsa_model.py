@@ -292,14 +292,7 @@ class ElsaModel(keras.Model):
                 f"Received: prune={self.prune!r}"
             )
         if keep_whole is not None:
-            if isinstance(keep_whole, str) or not all(
-                isinstance(name, str) for name in keep_whole
-            ):
-                raise ValueError(
-                    "keep_whole must be a list of layer names. "
-                    f"Received: keep_whole={keep_whole!r}"
-                )
-            keep_whole = list(keep_whole)
+            keep_whole = channels_lib.check_keep_whole(keep_whole)
             if self.granularity != "channel":
                 raise ValueError(
                     "keep_whole applies to granularity='channel' only. "

@@ -445,6 +445,35 @@ def check_sha256(data: bytes, expected: str | None, name: str, error=BundleError
         )
 
 
+def metadata_payload(
+    data: bytes, name: str, metadata_name: str, what: str, hint: str = ""
+) -> tuple[fb.ModelRef, bytes]:
+    """A bundle's model and the payload of its `metadata_name` entry.
+
+    Args:
+        data: the file's bytes.
+        name: the file, for messages.
+        metadata_name: the metadata entry the kind of bundle writes.
+        what: the kind of bundle, for messages ("an elsa_tf bundle").
+        hint: a sentence added to the message for a file without the entry.
+
+    Raises:
+        BundleError: for bytes that are not a TFLite model, or a model
+            without the entry.
+    """
+    try:
+        model = fb.read_model(data)
+    except fb.FlatbufferError as e:
+        raise BundleError(f"{name} is truncated or corrupt: {e}") from e
+    if metadata_name not in model.metadata:
+        raise BundleError(
+            f"{name} is a TFLite model but not {what}: it has no "
+            f"{metadata_name!r} metadata.{hint}"
+        )
+    ref = model.buffers[model.metadata[metadata_name]]
+    return model, bytes(fb.buffer_bytes(data, ref))
+
+
 def read_bundle(source, *, expected_sha256: str | None = None) -> Bundle:
     """Reads a bundle from a path or from its bytes.
 
@@ -463,17 +492,14 @@ def read_bundle(source, *, expected_sha256: str | None = None) -> Bundle:
         with open(name, "rb") as f:
             data = f.read()
     check_sha256(data, expected_sha256, name, BundleError)
-    try:
-        model = fb.read_model(data)
-    except fb.FlatbufferError as e:
-        raise BundleError(f"{name} is truncated or corrupt: {e}") from e
-    if METADATA_NAME not in model.metadata:
-        raise BundleError(
-            f"{name} is a TFLite model but not an elsa_tf bundle: it has no "
-            f"{METADATA_NAME!r} metadata. Per-level files run as they are."
-        )
-    ref = model.buffers[model.metadata[METADATA_NAME]]
-    payload = _parse(bytes(fb.buffer_bytes(data, ref)))
+    model, raw = metadata_payload(
+        data,
+        name,
+        METADATA_NAME,
+        "an elsa_tf bundle",
+        hint=" Per-level files run as they are.",
+    )
+    payload = _parse(raw)
     expected_bytes = int(payload.header.get("file_bytes", len(data)))
     if expected_bytes != len(data):
         raise BundleError(

@@ -663,17 +663,10 @@ def from_bytes(data: bytes, name: str = "the bundle") -> ChannelBundle:
         BundleError: for a file that is not a channel bundle, or is
             truncated or corrupt.
     """
-    try:
-        model = fb.read_model(data)
-    except fb.FlatbufferError as e:
-        raise BundleError(f"{name} is truncated or corrupt: {e}") from e
-    if METADATA_NAME not in model.metadata:
-        raise BundleError(
-            f"{name} is a TFLite model but not an elsa_tf channel bundle: it has "
-            f"no {METADATA_NAME!r} metadata."
-        )
-    ref = model.buffers[model.metadata[METADATA_NAME]]
-    header, packed = _parse(bytes(fb.buffer_bytes(data, ref)))
+    model, raw = bundle_lib.metadata_payload(
+        data, name, METADATA_NAME, "an elsa_tf channel bundle"
+    )
+    header, packed = _parse(raw)
     _check_header(header)
     expected = header.get("file_bytes")
     if not isinstance(expected, str) or expected != f"{len(data):012d}":
