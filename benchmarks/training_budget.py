@@ -1,35 +1,40 @@
-r"""All levels for half the training: level budgets and data sieving (issue 12).
+r"""All levels for half the training: level budgets, data sieving and layer
+freezing (issue 12).
 
 For every configuration and seed, in one run, with the same architecture,
 initial weights, data, optimizer, sparsifier and BatchNormalization
-re-estimation (`elsa-train`'s defaults otherwise), ELSA trained with
-different budgets beside the independent one-level models that elsa_tf
-trains for each level (`--baseline=independent_elsa`, `--epochs` each):
+re-estimation (`elsa-train`'s defaults otherwise, and `--shared`, by default
+`per_level_statistics`), ELSA trained with different budgets beside the
+independent one-level models that elsa_tf trains for each level
+(`--baseline=independent_elsa`, `--epochs` each):
 
 * `full`: `--epochs` for every level (the independent models' epochs);
 * `half`: half of them for every level;
 * `front_loaded`: `elsa_tf.front_loaded(epochs, levels)`: the sparsest level
-  trains as long as an independent model, the later ones share the rest of
-  half the independent models' total, halving;
+  trains as long as an independent model, every later one half as long;
+* `front_loaded_halving`: the same with `decay=0.5`: each later level half
+  as long as the one before it (half the independent models' epochs in all,
+  for 4 levels);
+* `front_loaded_freeze`: `front_loaded` under `shared="freeze"` (the
+  library's default for single weights), whatever `--shared` says;
 * `sieving`: `full`, with SpFDE's circular data sieving (`--sieving_share`
   held out of each epoch, swapped every `--sieving_interval` epochs);
-* `front_loaded_even`: the same total with the later levels' epochs split
-  evenly (`decay=1.0`);
-* `front_loaded_sieving`: both, the budget made with
-  `share=0.5 / (1 - sieving_share)` so that the examples trained on come to
-  about half of the independent models';
+* `front_loaded_sieving`: both;
 * `freezing`: `full`, with SpFDE's progressive layer freezing aiming at
   `--freeze_share` of each level's training FLOPs (from where the level's
   masks are final: the last quarter of a level by default);
-* `all`: `front_loaded_sieving` with layer freezing.
+* `all`: `front_loaded_sieving` with layer freezing;
+* an explicit budget, its epochs per level joined by `-` (`6-3-2-4`).
 
 The table gives per level the mean +- std test accuracy over the seeds and
 its difference from the independent models, then per method the total
-training time of all levels (the run's own clock, saving excluded) over the
-independent models' total, and the examples trained on over theirs, which is
-the training-FLOPs ratio (every example costs the same forward and backward
-pass in every method). Issue 12's goal: a method at most 0.5x the
-independent models' time, every level within 0.5 points of them.
+training time of all levels (the run's own clock, saving and validation
+excluded) over the independent models' total, the examples trained on over
+theirs, and the training FLOPs over theirs: every example costs the same
+forward and backward pass in every method, except where layer freezing saves
+a share of an epoch's (the share its FLOPs model gives for the blocks
+frozen). Issue 12's goal: a method at most 0.5x the independent models'
+time, every level within 0.5 points of them.
 
 Configurations (offline): `digits` and `mnist1d`, as in
 `benchmarks/sparsifiers.py`; `cifar10` (ResNet-20) runs when
@@ -59,8 +64,9 @@ from absl import app, flags, logging  # noqa: E402
 METHODS = (
     "full",
     "half",
+    "front_loaded_halving",
     "front_loaded",
-    "front_loaded_even",
+    "front_loaded_freeze",
     "sieving",
     "front_loaded_sieving",
     "freezing",
@@ -70,7 +76,11 @@ METHODS = (
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["digits", "mnist1d", "cifar10"], "Configurations.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, one run of each per config.")
-flags.DEFINE_list("methods", list(METHODS), f"ELSA budgets to run, of {METHODS}.")
+flags.DEFINE_list(
+    "methods",
+    list(METHODS),
+    f"ELSA budgets to run, of {METHODS}, or epochs per level joined by '-'.",
+)
 flags.DEFINE_integer(
     "epochs", None, "Epochs of each independent model (default: the config's)."
 )
@@ -79,11 +89,24 @@ flags.DEFINE_integer("sieving_interval", 1, "Epochs between sieving swaps.")
 flags.DEFINE_float(
     "freeze_share", 0.2, "Share of each level's FLOPs layer freezing aims to save."
 )
+flags.DEFINE_enum(
+    "shared",
+    "per_level_statistics",
+    ["freeze", "per_level_statistics", "per_level"],
+    "elsa_tf.embed's shared option, for ELSA and the independent models "
+    "(front_loaded_freeze aside). per_level_statistics lets one traced "
+    "training step serve every level.",
+)
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_string("out", None, "Where to write the results as JSON.")
 
 CONFIGS = {"digits": DIGITS, "mnist1d": MNIST1D, "cifar10": CIFAR10_RESNET20}
 COMMON = {"export_tflite": False, "augment": False}
+
+
+def _is_budget(method: str) -> bool:
+    """Whether `method` is an explicit budget: epochs per level, `6-3-2-4`."""
+    return all(part.isdigit() for part in method.split("-"))
 
 
 def method_fields(
@@ -93,46 +116,44 @@ def method_fields(
     import elsa_tf
 
     sieving = {"sieving_share": sieving_share, "sieving_interval": sieving_interval}
-    if method == "full":
-        return {"epochs_per_level": epochs}
-    if method == "half":
-        return {"epochs_per_level": max(round(epochs / 2), 1)}
-    if method == "front_loaded":
-        return {"epochs_per_level": elsa_tf.front_loaded(epochs, num_levels)}
-    if method == "front_loaded_even":
-        budget = elsa_tf.front_loaded(epochs, num_levels, decay=1.0)
-        return {"epochs_per_level": budget}
-    if method == "freezing":
-        return {"epochs_per_level": epochs, "freeze_share": freeze_share}
-    if method == "all":
-        return {
-            **method_fields(
-                "front_loaded_sieving",
-                epochs,
-                num_levels,
-                sieving_share,
-                sieving_interval,
-                freeze_share,
-            ),
-            "freeze_share": freeze_share,
-        }
-    if method == "sieving":
-        return {"epochs_per_level": epochs, **sieving}
-    if method == "front_loaded_sieving":
-        share = min(0.5 / (1.0 - sieving_share), 1.0)
-        budget = elsa_tf.front_loaded(epochs, num_levels, share=share)
-        return {"epochs_per_level": budget, **sieving}
-    raise app.UsageError(f"Unknown method. Expected one of {METHODS}: {method!r}")
+    front_loaded = {"epochs_per_level": elsa_tf.front_loaded(epochs, num_levels)}
+    if _is_budget(method):
+        return {"epochs_per_level": [int(e) for e in method.split("-")]}
+    fields = {
+        "full": {"epochs_per_level": epochs},
+        "half": {"epochs_per_level": max(round(epochs / 2), 1)},
+        "front_loaded_halving": {
+            "epochs_per_level": elsa_tf.front_loaded(epochs, num_levels, decay=0.5)
+        },
+        "front_loaded": front_loaded,
+        "front_loaded_freeze": {**front_loaded, "shared": "freeze"},
+        "sieving": {"epochs_per_level": epochs, **sieving},
+        "front_loaded_sieving": {**front_loaded, **sieving},
+        "freezing": {"epochs_per_level": epochs, "freeze_share": freeze_share},
+        "all": {**front_loaded, **sieving, "freeze_share": freeze_share},
+    }
+    if method not in fields:
+        raise app.UsageError(f"Unknown method. Expected one of {METHODS}: {method!r}")
+    return fields[method]
 
 
 def run_config(
-    name, seeds, workdir, *, methods, epochs, sieving, freeze_share, data_dir=None
+    name,
+    seeds,
+    workdir,
+    *,
+    methods,
+    epochs,
+    sieving,
+    freeze_share,
+    shared=None,
+    data_dir=None,
 ):
     """Every method of every seed; returns the per-seed figures."""
     from elsa_tf.experiments import datasets, run
     from elsa_tf.experiments.config import Config
 
-    fields = {**COMMON, **CONFIGS[name], "data_dir": data_dir}
+    fields = {**COMMON, **CONFIGS[name], "data_dir": data_dir, "shared": shared}
     epochs = epochs or fields.pop("epochs_per_level")
     fields.pop("epochs_per_level", None)
     num_levels = len(fields["sparsities"])
@@ -144,18 +165,22 @@ def run_config(
             extra = method_fields(method, epochs, num_levels, *sieving, freeze_share)
             # The independent models train once per seed, beside the first.
             baselines = ("independent_elsa",) if i == 0 else ()
-            config = Config(**fields, **extra, seed=seed, baseline=baselines)
+            config = Config(**{**fields, **extra}, seed=seed, baseline=baselines)
             directory = os.path.join(workdir, f"{name}_{method}_seed{seed}")
             report = run.train_and_evaluate(config, directory, verbose=0)
             level_epochs = config.level_epochs()
             examples = report.get("examples_per_epoch") or [num_train] * sum(
                 level_epochs
             )
+            saved = report.get("flops_saved_per_epoch") or [0.0] * len(examples)
             per_seed[method] = {
                 "epochs_per_level": level_epochs,
                 "accuracy": [row["accuracy"] for row in report["levels"]],
                 "seconds": report["training_seconds"]["elsa"],
                 "examples": int(sum(examples)),
+                # Training FLOPs in examples' worth: layer freezing saves a
+                # share of each epoch's.
+                "flops": float(sum(n * (1 - f) for n, f in zip(examples, saved))),
             }
             if baselines:
                 per_seed["independent"] = {
@@ -168,6 +193,7 @@ def run_config(
                         "independent_elsa"
                     ],
                     "examples": epochs * num_levels * num_train,
+                    "flops": float(epochs * num_levels * num_train),
                 }
             print(f"{name} seed {seed} {method}: done", flush=True)
         out.append(per_seed)
@@ -211,6 +237,12 @@ def summarize(result: dict) -> dict:
             "examples_ratio": mean_std(
                 [r[m]["examples"] / r["independent"]["examples"] for r in runs]
             ),
+            "flops_ratio": mean_std(
+                [
+                    r[m].get("flops", r[m]["examples"]) / r["independent"]["examples"]
+                    for r in runs
+                ]
+            ),
         }
     return {"levels": levels, "cost": cost}
 
@@ -246,8 +278,9 @@ def format_table(name: str, result: dict) -> str:
     lines += [
         "",
         "| method | epochs per level | training s | time / independent "
-        "| examples (FLOPs) / independent | worst level − independent |",
-        "|---|---|---:|---:|---:|---:|",
+        "| examples / independent | training FLOPs / independent "
+        "| worst level − independent |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for m, c in s["cost"].items():
         worst = (
@@ -258,7 +291,8 @@ def format_table(name: str, result: dict) -> str:
         lines.append(
             f"| {m} | {c['epochs_per_level']} | {c['seconds']['mean']:.1f} | "
             f"{c['time_ratio']['mean']:.2f} {pm} {c['time_ratio']['std']:.2f} | "
-            f"{c['examples_ratio']['mean']:.2f} | {worst} |"
+            f"{c['examples_ratio']['mean']:.2f} | "
+            f"{c['flops_ratio']['mean']:.2f} | {worst} |"
         )
     return "\n".join(lines)
 
@@ -268,8 +302,11 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     methods = list(FLAGS.methods)
     for m in methods:
-        if m not in METHODS:
-            raise app.UsageError(f"--methods takes {METHODS}. Received: {m!r}")
+        if m not in METHODS and not _is_budget(m):
+            raise app.UsageError(
+                f"--methods takes {METHODS}, or epochs per level joined by "
+                f"'-' (6-3-2-4). Received: {m!r}"
+            )
     with tempfile.TemporaryDirectory(prefix="elsa_budget_") as workdir:
         results = run_configs(
             FLAGS.configs,
@@ -283,6 +320,7 @@ def main(argv):
                 epochs=FLAGS.epochs,
                 sieving=(FLAGS.sieving_share, FLAGS.sieving_interval),
                 freeze_share=FLAGS.freeze_share,
+                shared=FLAGS.shared,
                 data_dir=FLAGS.data_dir,
             ),
             summarize,

@@ -114,7 +114,9 @@ class LevelScheduler(keras.callbacks.Callback):
             frozen). After `fit`, `freezing_plans` holds each level's plan
             (`elsa_tf.layer_freezing.LevelFreezing`) and `frozen_blocks` a
             `(level, epoch_in_level, frozen front blocks)` triple for every
-            epoch trained. Off by default.
+            epoch trained; each epoch's logs (and so the `History`) get
+            `frozen_blocks` and `flops_saved`, the share of the epoch's
+            training multiply-adds that freezing saved. Off by default.
 
     Attributes:
         freezing_plans: with `layer_freezing`, the plan of each level this
@@ -193,8 +195,6 @@ class LevelScheduler(keras.callbacks.Callback):
             self._freezer = layer_freezing_lib.BlockFreezer(
                 [layers for _, layers in blocks]
             )
-            # The frozen count the train function was last traced with.
-            self._traced_frozen = 0
         # The FreezingOptimizer checked above keeps unused weights at zero, so
         # the model may train on its raw weights (no mask in the step).
         model_ops.set_raw_training(model, True)
@@ -249,8 +249,8 @@ class LevelScheduler(keras.callbacks.Callback):
 
         Blocks are frozen only while an epoch trains (released again at its
         end, so that a model saved between epochs keeps its own `trainable`
-        flags); the train function is rebuilt only when the count differs
-        from the one it was traced with.
+        flags); the train function is traced once for each frozen set and
+        level state (`elsa_tf.compiled_functions`).
         """
         n = self._freezing_plan.frozen[self._epoch_in_level]
         if n and not self.model.optimizer.built:
@@ -258,9 +258,7 @@ class LevelScheduler(keras.callbacks.Callback):
             with self.model.distribute_strategy.scope():
                 self.model.optimizer.build(self.model.trainable_variables)
         self._freezer.set_frozen(n)
-        if n != self._traced_frozen:
-            model_ops.reset_compiled_functions(self.model, in_fit=True)
-            self._traced_frozen = n
+        model_ops.reset_compiled_functions(self.model, in_fit=True)
         self.frozen_blocks.append(
             (self._levels[self._position], self._epoch_in_level, n)
         )
@@ -339,6 +337,12 @@ class LevelScheduler(keras.callbacks.Callback):
         if self._freezer is not None:
             # The train function stays as traced: the next epoch refreezes.
             self._freezer.release()
+            if logs is not None:
+                # Into the History: what the epoch froze, and the share of
+                # its training multiply-adds that saved.
+                n = self.frozen_blocks[-1][2]
+                logs["frozen_blocks"] = n
+                logs["flops_saved"] = self._freezing_plan.saved_share(n)
         self._epoch_in_level += 1
         if self._epoch_in_level == self._level_epochs[self._position]:
             level = model_ops.current_level(self.model)
@@ -349,8 +353,6 @@ class LevelScheduler(keras.callbacks.Callback):
                 batch_norm.recalibrate_batch_norm(self.model, self.recalibration_data)
             model_ops.finish_level(self.model)
             model_ops.reset_compiled_functions(self.model, in_fit=True)
-            if self._freezer is not None:
-                self._traced_frozen = 0
             self._position += 1
             self._epoch_in_level = 0
             if self._position >= len(self._levels):

@@ -17,6 +17,8 @@ import contextlib
 import contextvars
 import weakref
 
+import tensorflow as tf
+
 from elsa_tf import gates, levels
 
 FROZEN = "frozen"
@@ -42,19 +44,51 @@ class Projection:
     `project(old, new)` keeps frozen entries at `old`, the current level's
     entries at `new`, and every other entry at zero, or at `new` when
     `zero_unused` is False (a sparsifier with feedback trains its pruned
-    weights). `old` is only needed once some level is finished (`needs_old`).
+    weights). The level is read from `level` when the step runs (a variable,
+    or a tensor reading one), so one traced step serves every level after
+    the first; `old` is only needed once some level is finished
+    (`needs_old`, which `finished` says).
     """
 
-    def __init__(self, level_map, level: int, zero_unused: bool = True):
+    def __init__(self, level_map, level, finished: bool, zero_unused: bool = True):
         self.level_map = level_map
         self.level = level
         self.zero_unused = zero_unused
-        self.needs_old = level > 0
+        self.needs_old = bool(finished)
 
     def __call__(self, old, new):
+        level = self.level() if callable(self.level) else self.level
         return levels.project_update(
-            old, new, self.level_map.value, self.level, self.zero_unused
+            old if self.needs_old else None,
+            new,
+            self.level_map.value,
+            level,
+            self.zero_unused,
         )
+
+
+class FrozenAfterFirstLevel:
+    """A shared weight that trains with level 0 and is frozen after it, in a
+    step traced once for every level: the inner optimizer's update is taken,
+    then undone from the copy taken before it (exactly) once the level read
+    from `level` (called when the step runs) is past 0.
+
+    The inner optimizer's slots for the weight keep moving after level 0;
+    they are never used again, since the weight never trains again.
+    """
+
+    needs_old = True
+
+    def __init__(self, level):
+        self.level = level
+
+    def gradient(self, grad):
+        """The gradient the inner optimizer sees: zero once frozen, so that
+        it does not count in a global gradient norm (`global_clipnorm`)."""
+        return tf.where(self.level() > 0, tf.zeros_like(grad), grad)
+
+    def __call__(self, old, new):
+        return tf.where(self.level() > 0, old, new)
 
 
 class GateStep:
@@ -83,8 +117,8 @@ def training_constraint(variable):
         `FROZEN` to leave it untouched (a shared weight after level 0, except
         under `shared="per_level"`), a `Projection` for a prunable weight, or
         a `GateStep` for channel gates. The
-        answer is fixed when a train step is traced; `LevelScheduler` and
-        `elsa_tf.fit` retrace after every level.
+        answer is fixed when a train step is traced, for the model's
+        `trace_key`: see `elsa_tf.compiled_functions`.
 
     Raises:
         ValueError: if no embedded model owns `variable`.

@@ -56,7 +56,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from elsa_tf import _keras_compat, channel_levels, constraints, levels, schedules
+from elsa_tf import (
+    _keras_compat,
+    channel_levels,
+    compiled_functions,
+    constraints,
+    levels,
+    schedules,
+)
 from elsa_tf import channels as channels_lib
 from elsa_tf import prunable as prunable_lib
 from elsa_tf import selection as selection_lib
@@ -555,15 +562,37 @@ class ElsaModel(keras.Model):
         """Re-reads the level from the variables into what tracing uses.
 
         How the optimizer treats each weight is decided when a step is
-        traced, so callers retrace after a level change (`LevelScheduler`
-        does).
+        traced, for `trace_key()`; callers put the functions traced for the
+        new key in place after a level change (`LevelScheduler` does, with
+        `elsa_tf.compiled_functions`).
         """
         self.traced_level = self.current_level
         self.shared_frozen = self.shared != "per_level" and self.traced_level >= 1
+        compiled_functions.refresh(self)
+
+    def one_trace(self) -> bool:
+        """Whether one traced training step serves every level.
+
+        The level being trained is read from `level_state` inside the step
+        (`variable_rule`). Under `shared="freeze"`, level 0 still needs a
+        step of its own: its normalization layers train, later levels run
+        them as frozen layers, in inference mode. A gated sparsifier's step
+        is built for its level's channel codes and target.
+        """
+        return not self.sparsifier.gated and self.shared != "freeze"
 
     def trace_key(self) -> tuple:
-        """What a traced training step depends on; it changes with the level."""
-        return (self.traced_level, self.shared_frozen, self.train_raw)
+        """What a traced training step depends on, besides the variables."""
+        if self.one_trace():
+            return (None, None, self.train_raw)
+        level = self.traced_level
+        if not self.sparsifier.gated:
+            level = min(level, 1)  # every level after the first alike
+        return (level, self.shared_frozen, self.train_raw)
+
+    def _training_level(self):
+        """The level being trained, as a tensor read inside a traced step."""
+        return self.level_state.value[0]
 
     def variable_rule(self, index: int | str | None):
         """How an optimizer step may change a variable of this model.
@@ -576,12 +605,17 @@ class ElsaModel(keras.Model):
         Returns:
             `constraints.FREE`, `constraints.FROZEN` (a shared weight after
             level 0, unless `shared="per_level"`; gates at a level they do not
-            act on), a `constraints.Projection` for a prunable weight, or a
-            `constraints.GateStep` for gates. Fixed when a step is traced:
-            retrace after a level change (`LevelScheduler`, `elsa_tf.fit` and
-            `elsa_tf.function` do).
+            act on), `constraints.FrozenAfterFirstLevel` (a shared weight
+            under `shared="per_level_statistics"`, in a step that serves every
+            level), a `constraints.Projection` for a prunable weight, or a
+            `constraints.GateStep` for gates. Fixed when a step is traced,
+            for `trace_key()`; a projection reads the level when the step
+            runs.
         """
         if index is None:
+            if self.shared == "per_level_statistics" and self.one_trace():
+                # Trained at level 0 only: read when the step runs.
+                return constraints.FrozenAfterFirstLevel(self._training_level)
             return constraints.FROZEN if self.shared_frozen else constraints.FREE
         if index == constraints.GATE:
             if not self.gated_level():
@@ -589,7 +623,8 @@ class ElsaModel(keras.Model):
             return constraints.GateStep(self.sparsifier.gate_learning_rate)
         return constraints.Projection(
             self.level_maps[index],
-            self.traced_level,
+            self._training_level,
+            finished=self.traced_level > 0 or self.one_trace(),
             zero_unused=not self.sparsifier.feedback,
         )
 
@@ -688,10 +723,10 @@ class ElsaModel(keras.Model):
         # Carry out the state updates the model made (normalization
         # statistics, seed generators), except into frozen weights.
         prunable_ids = {id(w) for w in self.prunable_weights}
-        frozen_ids = {
+        unbanked = {
             id(w)
             for w, bank in zip(self.shared_weights, self._bank_of)
-            if self.shared_frozen and bank is None
+            if bank is None and self.shared != "per_level"
         }
         for v in self.inner_model.variables:
             if id(v) in prunable_ids:
@@ -703,8 +738,12 @@ class ElsaModel(keras.Model):
                 use_working, mapped = bank_values[id(v)]
                 if new is not mapped:
                     v.assign(tf.where(use_working, new, v.value))
-            elif id(v) not in frozen_ids:
+            elif id(v) not in unbanked:
                 v.assign(new)
+            else:
+                # Frozen after level 0. Read when the step runs: a step (or
+                # a test or predict function) may serve several levels.
+                v.assign(tf.where(self._training_level() > 0, v.value, new))
         return outputs
 
     def compute_output_spec(self, *args, **kwargs):

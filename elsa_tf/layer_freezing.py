@@ -531,6 +531,11 @@ class LevelFreezing:
     planned_share: float
     planned_saving: float
 
+    def saved_share(self, n: int) -> float:
+        """The share of a training step's multiply-adds saved with the first
+        `n` blocks frozen."""
+        return planned_share([b.forward for b in self.blocks], [n])
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

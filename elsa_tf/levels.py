@@ -145,13 +145,15 @@ def masked_weight(weight: tf.Tensor, level_map: tf.Tensor, level) -> tf.Tensor:
     return tf.where(active_mask(level_map, level), weight, tf.zeros([], weight.dtype))
 
 
-def project_update(old, new, level_map, level: int, zero_unused: bool = True):
+def project_update(old, new, level_map, level, zero_unused: bool = True):
     """An optimizer update of a prunable weight, put back onto the level.
 
     Frozen entries (levels before `level`) keep `old`. Entries of `level`
     take `new`; so do entries no level uses so far (free and pruned) when
     `zero_unused` is False (a sparsifier with feedback trains them), and
-    otherwise they stay zero.
+    otherwise they stay zero. `level` may be a tensor (a traced step that
+    serves every level reads it from a variable); `old` may be None when
+    no level is finished yet, as nothing is frozen then.
     """
     current = tf.cast(level, MAP_DTYPE)
     if zero_unused:
@@ -159,7 +161,7 @@ def project_update(old, new, level_map, level: int, zero_unused: bool = True):
         value = tf.where(tf.equal(level_map, current), new, tf.zeros([], new.dtype))
     else:
         value = new
-    if level > 0:
+    if old is not None:
         value = tf.where(level_map < current, old, value)
     return value
 

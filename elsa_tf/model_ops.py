@@ -9,7 +9,14 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from elsa_tf import channel_levels, elsa_model, levels, schedules, sparsifiers
+from elsa_tf import (
+    channel_levels,
+    compiled_functions,
+    elsa_model,
+    levels,
+    schedules,
+    sparsifiers,
+)
 
 
 def _is_int(value) -> bool:
@@ -84,7 +91,9 @@ def set_raw_training(model, enabled: bool) -> None:
     level does not use at zero; `LevelScheduler` turns it on for its run.
     Takes effect when the train step is next traced.
     """
-    owner(model).train_raw = bool(enabled)
+    o = owner(model)
+    o.train_raw = bool(enabled)
+    compiled_functions.refresh(o)
 
 
 def prune_to(model, sparsity, step=None) -> None:
@@ -244,9 +253,10 @@ def finish_level(model) -> int:
     the finished level left unused, which start from their layer's
     initializer (see `ElsaModel.finish_level`).
 
-    Traced functions bake the level in: `model`'s own are dropped here; a
-    custom training loop's step made with `elsa_tf.function` retraces by
-    itself.
+    A traced training step bakes in whether some level is finished: the
+    train function traced for the new level state is put in place here
+    (`reset_compiled_functions`); a custom training loop's step made with
+    `elsa_tf.function` picks its own.
 
     Returns:
         The index of the level just finished.
@@ -330,15 +340,15 @@ def level_counts(model) -> list[dict]:
     return rows
 
 
-def reset_compiled_functions(model, in_fit: bool = False) -> None:
-    """Drops traced functions after a level change, which they bake in.
+def reset_compiled_functions(model, in_fit: bool = False) -> bool:
+    """Puts in place the train function traced for the model's level state.
 
-    Inside `fit` the train function is rebuilt at once, since the running
+    A traced step bakes in whether some level is finished (every level after
+    the first shares one trace; see `elsa_tf.compiled_functions`).
+    Inside `fit` a missing train function is made at once, since the running
     loop calls `model.train_function` directly.
+
+    Returns:
+        Whether the train function in place changed.
     """
-    model.test_function = None
-    model.predict_function = None
-    if in_fit:
-        model.make_train_function(force=True)
-    else:
-        model.train_function = None
+    return compiled_functions.switch(owner(model), in_fit=in_fit)

@@ -4,7 +4,9 @@ Masking gradients is not enough: momentum, Adam's moments and decoupled weight
 decay all move a weight whose gradient is zero. So variables frozen whole are
 not passed to the inner optimizer at all, and a prunable weight is projected
 after each update (`ElsaModel` docs): frozen entries are written back from a
-copy taken just before, entries the level does not use go back to zero.
+copy taken just before, entries the level does not use go back to zero. In a
+step traced once for every level, a shared weight frozen after level 0 is
+written back whole the same way (`constraints.FrozenAfterFirstLevel`).
 Channel gates (`PolarizedGates`) take their own clamped gradient step
 (`constraints.GateStep`) instead of the inner optimizer's.
 """
@@ -132,6 +134,8 @@ class FreezingOptimizer(keras.optimizers.Optimizer):
             if isinstance(constraint, constraints.GateStep):
                 own.append((g, v, constraint))  # not the inner optimizer's
                 continue
+            if isinstance(constraint, constraints.FrozenAfterFirstLevel):
+                g = constraint.gradient(g)
             updates.append((g, v))
             if constraint is not constraints.FREE:
                 old = tf.identity(v.value) if constraint.needs_old else None

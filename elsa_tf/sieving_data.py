@@ -37,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from elsa_tf import sieving
+from elsa_tf import compiled_functions, sieving
 
 # The key of the ids in a sieved batch `(x, y, {EXAMPLE_ID: ids})`. A dict,
 # not a bare third element: Keras would take a bare tensor for sample
@@ -329,6 +329,8 @@ class SievingCallback(keras.callbacks.Callback):
 
     Args:
         sieve: a `DataSieve`, or None for `DataSieve()`.
+        state: None, or what `state()` returned in an earlier run: the next
+            `dataset()` carries on from it instead of starting afresh.
 
     Attributes:
         examples_per_epoch: examples trained on in each epoch so far, one
@@ -345,15 +347,24 @@ class SievingCallback(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, sieve: DataSieve | None = None):
+    def __init__(self, sieve: DataSieve | None = None, state: dict | None = None):
         super().__init__()
         if sieve is None:
             sieve = DataSieve()
         if not isinstance(sieve, DataSieve):
             raise TypeError(f"Expected a DataSieve. Received: sieve={sieve!r}")
+        if state is not None and not isinstance(state, dict):
+            raise TypeError(
+                f"state must be a dict from SievingCallback.state(). Received: "
+                f"state={state!r}"
+            )
         self.sieve = sieve
         self.examples_per_epoch: list[int] = []
         self._queue: sieving.SieveQueue | None = None
+        self._resume_state = state  # taken up by the next `dataset()`
+        # The sieved step of the model being trained: the same one for every
+        # fit, so that its traces are kept (`elsa_tf.compiled_functions`).
+        self._train_step = None
 
     # --- data ---------------------------------------------------------------
 
@@ -369,7 +380,8 @@ class SievingCallback(keras.callbacks.Callback):
         """The training data, numbered and sieved: pass it to `fit`.
 
         Starts the sieve afresh: the initial share is held out, the
-        forgetting counts are zero and the epoch count restarts.
+        forgetting counts are zero and the epoch count restarts; or, once,
+        from the `state` the callback was made with.
 
         The model must have a single output of class scores, shape
         `(batch, classes)` with `classes > 1` (logits or probabilities: a
@@ -418,6 +430,7 @@ class SievingCallback(keras.callbacks.Callback):
             num_examples, self.sieve.share, self.sieve.seed
         )
         self._recorder = _Recorder(num_examples)
+        self._train_step = None
         self._member = tf.Variable(
             self._queue.members(), trainable=False, name="sieve_members"
         )
@@ -425,6 +438,9 @@ class SievingCallback(keras.callbacks.Callback):
             tf.constant(0, tf.int64), trainable=False, name="sieve_epoch"
         )
         self.examples_per_epoch = []
+        if self._resume_state is not None:
+            self._restore(self._resume_state, num_examples)
+            self._resume_state = None
         kept = num_examples - self._queue.queue.size
         # Each epoch's iterator reads the membership variable when it starts,
         # so a swap at an epoch's end changes the next epoch's examples with
@@ -487,6 +503,77 @@ class SievingCallback(keras.callbacks.Callback):
 
     # --- state --------------------------------------------------------------
 
+    def state(self) -> dict:
+        """The sieve's state as JSON-ready values, to resume a run from.
+
+        The held-out queue, the forgetting counts of the current interval
+        and the epochs trained. `SievingCallback(sieve, state=...)` carries
+        on from it: its `dataset()` starts there instead of afresh (as
+        `elsa-train --resume` does from its checkpoint).
+        """
+        self._check_started()
+        tracker = self.tracker
+        return {
+            "queue": self._queue.to_dict(),
+            "last_correct": tracker.last_correct.astype(int).tolist(),
+            "forgetting": tracker.forgetting.astype(int).tolist(),
+            "learned": tracker.learned.astype(int).tolist(),
+            "epochs": int(self._epoch.numpy()),
+        }
+
+    def carry_on(self) -> None:
+        """Makes the next `dataset()` carry on from the sieve's state now,
+        instead of starting afresh (as `elsa_tf.fit` does when it is handed
+        a callback that has already trained)."""
+        if self._queue is not None and self._resume_state is None:
+            self._resume_state = self.state()
+
+    def _restore(self, state: dict, num_examples: int) -> None:
+        try:
+            queue = sieving.SieveQueue.from_dict(state["queue"])
+            tracker = sieving.ForgettingTracker(
+                last_correct=np.asarray(state["last_correct"]) == 1,
+                forgetting=np.asarray(state["forgetting"], np.int64),
+                learned=np.asarray(state["learned"]) == 1,
+            )
+            epochs = int(state["epochs"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                "state must be a dict from SievingCallback.state(). Received: "
+                f"a dict with keys {sorted(state)} ({e})"
+            ) from e
+        sizes = {
+            queue.num_examples,
+            tracker.num_examples,
+            tracker.forgetting.shape[0],
+            tracker.learned.shape[0],
+        }
+        if sizes != {num_examples}:
+            raise ValueError(
+                f"The saved sieve state is for {sorted(sizes)} examples, but the "
+                f"training data has {num_examples}. Received: state for "
+                f"num_examples={queue.num_examples}"
+            )
+        ids = np.concatenate([queue.queue, queue.pending])
+        if ids.size and (ids.min() < 0 or ids.max() >= num_examples):
+            raise ValueError(
+                f"The saved sieve queue holds ids outside [0, {num_examples}). "
+                f"Received: ids from {ids.min()} to {ids.max()}"
+            )
+        expected = (self.sieve.seed, sieving.swap_size(num_examples, self.sieve.share))
+        if (queue.seed, queue.swap_size) != expected or queue.queue.size != (
+            sieving.queue_size(num_examples, self.sieve.share)
+        ):
+            raise ValueError(
+                f"The saved sieve state was made with other settings than "
+                f"{self.sieve!r} (seed and share). Received: state with "
+                f"seed={queue.seed}, {queue.queue.size} examples held out"
+            )
+        self._queue = queue
+        self._member.assign(queue.members())
+        self._recorder.load(tracker)
+        self._epoch.assign(epochs)
+
     def _check_started(self):
         if self._queue is None:
             raise ValueError(
@@ -538,10 +625,13 @@ class SievingCallback(keras.callbacks.Callback):
                 f"steps_per_epoch={steps}"
             )
         _uninstall(model)  # one left by a fit that was interrupted
-        _install(model, self._recorder)
-        # fit made its train function before calling back: remake it around
-        # the new step (as LevelScheduler does after a level change).
-        model.make_train_function(force=True)
+        if self._train_step is None or self._train_step.model is not model:
+            self._train_step = _sieved_step(model, self._recorder)
+        _install(model, self._train_step)
+        # fit made its train function before calling back: put one in place
+        # around the sieved step, traced once for every fit of this callback
+        # at the same level state (as LevelScheduler does after a level).
+        compiled_functions.switch(model, in_fit=True)
 
     def on_train_end(self, logs=None):
         _uninstall(self.model)
@@ -568,8 +658,8 @@ class SievingCallback(keras.callbacks.Callback):
         return cls(keras.saving.deserialize_keras_object(config["sieve"]))
 
 
-def _install(model, recorder: _Recorder) -> None:
-    """Routes `model`'s training step through `sieved_train_step`."""
+def _sieved_step(model, recorder: _Recorder):
+    """`model`'s training step routed through `sieved_train_step`."""
     previous = vars(model).get("train_step")
     base = previous or types.MethodType(type(model).train_step, model)
 
@@ -583,6 +673,12 @@ def _install(model, recorder: _Recorder) -> None:
             raise
 
     train_step.sieving_previous = previous
+    train_step.model = model
+    return train_step
+
+
+def _install(model, train_step) -> None:
+    """Puts a step made by `_sieved_step` in place of `model`'s own."""
     object.__setattr__(model, "train_step", train_step)
 
 
@@ -595,7 +691,7 @@ def _uninstall(model) -> None:
         object.__delattr__(model, "train_step")
     else:
         object.__setattr__(model, "train_step", step.sieving_previous)
-    model.train_function = None
+    compiled_functions.switch(model)
 
 
 def _map_pairs(data: tf.data.Dataset, fn) -> tf.data.Dataset:

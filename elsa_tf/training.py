@@ -30,6 +30,27 @@ def _optimizer_factory(optimizer):
     )
 
 
+def _compiled_alike(model, inner) -> bool:
+    """Whether `model`'s FreezingOptimizer wraps an optimizer configured as
+    `inner`, so that resetting it (as `LevelScheduler` does at the start of
+    a level) gives what compiling `inner` would, and the level's steps can
+    keep the functions traced before it (`elsa_tf.compiled_functions`)."""
+    current = getattr(model, "optimizer", None)
+    if not isinstance(current, optimizer_lib.FreezingOptimizer):
+        return False
+    old = current.inner_optimizer
+    if type(old) is not type(inner) or getattr(inner, "use_ema", False):
+        # Moving averages start from the weights when built: not reset.
+        return False
+    try:
+        config = {k: v for k, v in inner.get_config().items() if k != "name"}
+        return bool(
+            config == {k: v for k, v in old.get_config().items() if k != "name"}
+        )
+    except Exception:  # no config (a schedule without one), or not comparable
+        return False
+
+
 def _training_inputs(x, steps_per_epoch=None):
     """What `recalibration_data="auto"` re-estimates statistics on, or None.
 
@@ -65,11 +86,13 @@ def fit(
 ) -> list:
     """Trains the levels of an embedded model in order, sparsest first.
 
-    Each level is compiled with a fresh copy of `optimizer` wrapped in a
-    `FreezingOptimizer`, trained for its `epochs_per_level` epochs under a
-    `LevelScheduler`, then frozen. Training can be split across calls:
-    `fit(..., levels=[0])` then `fit(..., levels=[1, 2])` trains the same
-    way as one call.
+    Each level trains with a fresh copy of `optimizer` wrapped in a
+    `FreezingOptimizer` (when the copy is configured as the level before's,
+    that one is reset to its just-built state instead, which is the same,
+    and the traced training step is kept), trained for its
+    `epochs_per_level` epochs under a `LevelScheduler`, then frozen.
+    Training can be split across calls: `fit(..., levels=[0])` then
+    `fit(..., levels=[1, 2])` trains the same way as one call.
 
     Args:
         model: a model returned by `elsa_tf.embed`.
@@ -105,7 +128,9 @@ def fit(
             ELSA trailed separately pruned models by 1.5 to 2.6 points, with
             it by at most 0.9 (issue 10). Models without BatchNormalization
             are not affected.
-        sieving: None, or an `elsa_tf.DataSieve`: SpFDE's circular data
+        sieving: None, an `elsa_tf.DataSieve`, or an
+            `elsa_tf.SievingCallback` around one (made with the `state` of
+            an interrupted run, to resume it): SpFDE's circular data
             sieving (`elsa_tf.sieving_data`). Each epoch trains on all but a
             held-out share of the examples; every `interval` epochs the
             easiest of them (the fewest forgetting events) swap with the
@@ -121,7 +146,10 @@ def fit(
             level's training FLOPs is saved; no backward pass runs through
             frozen front blocks. The blocks train again at the next level:
             this is apart from ELSA's permanent freezing of finished levels.
-            Off by default.
+            Each level's history holds the frozen count and the share of the
+            training multiply-adds saved, per epoch
+            (`history.history["frozen_blocks"]`, `["flops_saved"]`). Off by
+            default.
         **fit_kwargs: passed to `keras.Model.fit` (`batch_size`,
             `validation_data`, `callbacks`, `steps_per_epoch`, ...).
 
@@ -164,12 +192,18 @@ def fit(
         recalibration_data = _training_inputs(x, fit_kwargs.get("steps_per_epoch"))
     user_callbacks = list(fit_kwargs.pop("callbacks", None) or [])
     if sieving is not None:
-        if not isinstance(sieving, sieving_data.DataSieve):
+        if isinstance(sieving, sieving_data.DataSieve):
+            sieve = sieving_data.SievingCallback(sieving)
+        elif isinstance(sieving, sieving_data.SievingCallback):
+            # Made with a saved state, to resume; or one an earlier call
+            # trained with (levels split across calls): it carries on.
+            sieve = sieving
+            sieve.carry_on()
+        else:
             raise TypeError(
-                "sieving must be an elsa_tf.DataSieve or None. Received: "
-                f"sieving={sieving!r}"
+                "sieving must be an elsa_tf.DataSieve, an "
+                f"elsa_tf.SievingCallback or None. Received: sieving={sieving!r}"
             )
-        sieve = sieving_data.SievingCallback(sieving)
         batch_size = fit_kwargs.pop("batch_size", None) or 32
         if isinstance(recalibration_data, tf.data.Dataset) and recalibration_data is x:
             # Examples, not batches: statistics are re-estimated on batches.
@@ -181,6 +215,7 @@ def fit(
         y = None
         user_callbacks.insert(0, sieve)
     histories = []
+    compiled_here = False  # with this call's loss and metrics
     for i, level in enumerate(levels):
         start = initial_epoch if i == 0 else 0
         if not start:
@@ -194,11 +229,16 @@ def fit(
                         "The optimizer factory must return a "
                         f"keras.optimizers.Optimizer. Received: {inner!r}"
                     )
-                model.compile(
-                    optimizer=optimizer_lib.FreezingOptimizer(inner),
-                    loss=loss,
-                    metrics=metrics,
-                )
+                # Compiled by this call for a level before, with an
+                # optimizer like this one: `LevelScheduler` resets it instead,
+                # so that the levels after it can keep their traced step.
+                if not (compiled_here and _compiled_alike(model, inner)):
+                    compiled_here = True
+                    model.compile(
+                        optimizer=optimizer_lib.FreezingOptimizer(inner),
+                        loss=loss,
+                        metrics=metrics,
+                    )
         scheduler = callbacks.LevelScheduler(
             epochs_per_level,
             levels=[level],
@@ -214,10 +254,5 @@ def fit(
             callbacks=[scheduler, *user_callbacks],
             **fit_kwargs,
         )
-        if layer_freezing is not None:
-            # The front blocks frozen in each epoch of the level.
-            history.history["frozen_blocks"] = [
-                n for _, _, n in scheduler.frozen_blocks
-            ]
         histories.append(history)
     return histories

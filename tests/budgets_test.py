@@ -13,25 +13,33 @@ from elsa_tf import budgets, model_ops
 
 
 def test_front_loaded_by_hand():
-    # Half of 4 separate models of 6 epochs: 12 epochs, 6 for level 0, the
-    # other 6 halving.
-    assert budgets.front_loaded(6, 4) == [6, 3, 2, 1]
-    assert budgets.front_loaded(6, 3) == [6, 2, 1]
-    assert budgets.front_loaded(10, 4) == [10, 6, 3, 1]
+    # The sparsest level gets a separate model's 6 epochs, every later one
+    # half of them.
+    assert budgets.front_loaded(6, 4) == [6, 3, 3, 3]
     assert budgets.front_loaded(6, 1) == [6]
-    # Too little left for the later levels: one epoch each.
-    assert budgets.front_loaded(6, 4, share=0.25) == [6, 1, 1, 1]
+    assert budgets.front_loaded(5, 3) == [5, 3, 3]  # 2.5 rounds up
+    # Halving from level to level; never below one epoch.
+    assert budgets.front_loaded(6, 4, decay=0.5) == [6, 3, 2, 1]
+    assert budgets.front_loaded(10, 4, decay=0.5) == [10, 5, 3, 1]
+    assert budgets.front_loaded(6, 4, later=0.1) == [6, 1, 1, 1]
+    assert budgets.front_loaded(6, 3, later=1.0) == [6, 6, 6]
+    with pytest.raises(TypeError):
+        budgets.front_loaded(6, 4, 0.33)  # keyword-only: no silent misreading
 
 
 @pytest.mark.parametrize("epochs", [1, 2, 6, 15, 30])
 @pytest.mark.parametrize("num_levels", [2, 3, 4, 5])
-def test_front_loaded_is_non_increasing_and_sums_to_its_share(epochs, num_levels):
-    budget = budgets.front_loaded(epochs, num_levels)
+@pytest.mark.parametrize("later, decay", [(0.5, 1.0), (0.5, 0.5), (0.3, 0.8)])
+def test_front_loaded_is_non_increasing_from_the_full_epochs(
+    epochs, num_levels, later, decay
+):
+    budget = budgets.front_loaded(epochs, num_levels, later=later, decay=decay)
     assert len(budget) == num_levels and min(budget) >= 1
     assert budget[0] == epochs
-    assert all(a >= b for a, b in zip(budget[1:], budget[2:]))
-    target = round(0.5 * epochs * num_levels)
-    assert sum(budget) == max(target, epochs + num_levels - 1)
+    assert all(a >= b for a, b in zip(budget, budget[1:]))
+    # Each later level within half an epoch of its share (or at 1).
+    for k, e in enumerate(budget[1:]):
+        assert e == 1 or abs(e - epochs * later * decay**k) <= 0.5
 
 
 def test_level_epochs():
@@ -62,8 +70,10 @@ def test_bad_budgets_name_the_value(value, match):
     [
         (dict(epochs=0, num_levels=2), "epochs=0"),
         (dict(epochs=2, num_levels=0), "num_levels=0"),
-        (dict(epochs=2, num_levels=2, share=0.0), "share=0.0"),
-        (dict(epochs=2, num_levels=2, share=1.5), "share=1.5"),
+        (dict(epochs=2, num_levels=2, later=0.0), "later=0.0"),
+        (dict(epochs=2, num_levels=2, later=1.5), "later=1.5"),
+        (dict(epochs=2, num_levels=2, decay=-1), "decay=-1"),
+        (dict(epochs=2, num_levels=2, decay="1"), "decay='1'"),
     ],
 )
 def test_front_loaded_names_a_bad_argument(kwargs, match):
@@ -223,8 +233,8 @@ def test_readme_training_for_less_runs_verbatim(tmp_path):
     result = run_readme_block("training-for-less", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    # 512 examples, 20% held out: 410 an epoch, over the [6, 3, 2, 1] budget.
-    assert json.loads(lines[-2]) == [[410] * 6, [410] * 3, [410] * 2, [410]]
+    # 512 examples, 20% held out: 410 an epoch, over the [6, 3, 3, 3] budget.
+    assert json.loads(lines[-2]) == [[410] * 6, [410] * 3, [410] * 3, [410] * 3]
     frozen = json.loads(lines[-1])
-    assert [len(f) for f in frozen] == [6, 3, 2, 1]
+    assert [len(f) for f in frozen] == [6, 3, 3, 3]
     assert max(max(f) for f in frozen) >= 1  # some block froze in level 0

@@ -281,6 +281,7 @@ class _Watch(keras.callbacks.Callback):
         super().__init__()
         self.paths = paths
         self.begin, self.end, self.trainable, self.level0 = {}, {}, {}, []
+        self.logs = []  # each epoch's, after the scheduler's
 
     def _values(self):
         o = model_ops.owner(self.model)
@@ -299,6 +300,7 @@ class _Watch(keras.callbacks.Callback):
         self.after_steps = self._values()
 
     def on_epoch_end(self, epoch, logs=None):
+        self.logs.append(dict(logs or {}))
         self.end[epoch] = self.after_steps
         o = model_ops.owner(self.model)
         if o.current_level >= 1:  # level 0 is finished
@@ -346,6 +348,16 @@ def test_plan_and_record(frozen_fit):
     assert scheduler.frozen_blocks == [
         (level, epoch, n) for level in (0, 1) for epoch, n in enumerate((0, 0, 1, 2))
     ]
+
+
+def test_each_epochs_logs_get_its_frozen_count_and_saved_share(frozen_fit):
+    _, scheduler, watch, _, _ = frozen_fit
+    assert [logs["frozen_blocks"] for logs in watch.logs] == [0, 0, 1, 2] * 2
+    shares = [logs["flops_saved"] for logs in watch.logs[:4]]
+    assert shares[:2] == [0.0, 0.0] and 0 < shares[2] < shares[3] < 1
+    # The plan's share of the level is the mean of its epochs'.
+    plan = scheduler.freezing_plans[0]
+    assert np.mean(shares) == pytest.approx(plan.planned_share)
 
 
 def test_frozen_blocks_are_bit_identical_with_fixed_masks(frozen_fit):

@@ -1,5 +1,6 @@
 """SpFDE's circular data sieving: the rule by hand, then inside `model.fit`."""
 
+import json
 import math
 import re
 import textwrap
@@ -465,6 +466,71 @@ def test_one_hot_labels_and_learning_model():
     assert history.history["accuracy"][-1] > 0.7
     # A plain fit afterwards trains as usual.
     model.fit(x, np.eye(3)[y], epochs=1, verbose=0)
+
+
+def test_a_sieve_resumed_from_its_state_carries_on_as_one_run():
+    x, y = _data(40)
+    sieve = sd.DataSieve(share=0.25, interval=1, seed=3)
+
+    def run(model, callback, epochs):
+        train = callback.dataset(x, y, batch_size=8)
+        model.fit(train, epochs=epochs, verbose=0, callbacks=[callback])
+        return callback
+
+    whole = run(_model(0.05), sd.SievingCallback(sieve), 4)
+    model = _model(0.05)
+    first = run(model, sd.SievingCallback(sieve), 2)
+    state = json.loads(json.dumps(first.state()))  # as a checkpoint keeps it
+    assert state["epochs"] == 2 and state["queue"]["swaps"] == 2
+    second = run(model, sd.SievingCallback(sieve, state=state), 2)
+    assert second.state() == whole.state()
+    assert second.state()["queue"]["swaps"] == 4
+    # A fresh start would have held out the initial queue again.
+    assert first.examples_per_epoch + second.examples_per_epoch == [30] * 4
+
+
+def test_a_state_for_other_data_is_rejected():
+    x, y = _data(40)
+    callback = sd.SievingCallback(sd.DataSieve(share=0.25))
+    callback.dataset(x, y)
+    state = callback.state()
+    with pytest.raises(ValueError, match=r"training data has 20.*num_examples=40"):
+        sd.SievingCallback(state=state).dataset(x[:20], y[:20])
+    with pytest.raises(ValueError, match=r"keys \['epochs'\]"):
+        sd.SievingCallback(state={"epochs": 1}).dataset(x, y)
+    with pytest.raises(TypeError, match="state=3"):
+        sd.SievingCallback(state=3)
+    other = sd.SievingCallback(sd.DataSieve(share=0.5), state=state)
+    with pytest.raises(ValueError, match=r"other settings.*10 examples held out"):
+        other.dataset(x, y)
+    state["queue"]["queue"][0] = 99
+    with pytest.raises(ValueError, match=r"ids outside \[0, 40\).*to 99"):
+        sd.SievingCallback(state=state).dataset(x, y)
+
+
+def test_elsa_fit_carries_on_with_a_callback_across_calls():
+    x, y = _data(40)
+    y = np.argmax(x[:, :3], axis=1)
+    model = elsa_tf.embed(
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]), [0.5, 0.0]
+    )
+    callback = sd.SievingCallback(sd.DataSieve(share=0.25, interval=1))
+    for level in (0, 1):
+        elsa_tf.fit(
+            model,
+            x,
+            y,
+            epochs_per_level=1,
+            levels=[level],
+            optimizer="adam",
+            loss=LOSS,
+            batch_size=8,
+            sieving=callback,
+            verbose=0,
+        )
+    # Two swaps: the second call did not start the sieve afresh.
+    assert callback.state()["queue"]["swaps"] == 2
+    assert callback.state()["epochs"] == 2
 
 
 def test_sieving_carries_across_elsa_levels():

@@ -71,6 +71,8 @@ class Checkpointer(keras.callbacks.Callback):
 
     Place it after the `LevelScheduler` (as `elsa_tf.fit` does with user
     callbacks), so that a level's last epoch is saved with the level finished.
+    It also keeps the training time, `train_seconds`: the time epochs take,
+    a level's end included, saving and validation left out.
 
     Args:
         directory: where checkpoints go.
@@ -78,26 +80,62 @@ class Checkpointer(keras.callbacks.Callback):
         train_seconds: training time before this run.
         examples: the examples of each epoch before this run, when data
             sieving logged them (`logs["examples"]`).
+        flops_saved: the share of each epoch's training FLOPs saved before
+            this run, when layer freezing logged it (`logs["flops_saved"]`).
+        sieve: the run's `elsa_tf.SievingCallback`, under data sieving: its
+            state is saved with every checkpoint, to resume it from.
     """
 
-    def __init__(self, directory, epochs=0, train_seconds=0.0, examples=None):
+    def __init__(
+        self,
+        directory,
+        epochs=0,
+        train_seconds=0.0,
+        examples=None,
+        flops_saved=None,
+        sieve=None,
+    ):
         super().__init__()
         self.directory = os.fspath(directory)
         self.epochs = epochs
         self.train_seconds = train_seconds
         # Examples trained on in each epoch, when data sieving logs them.
         self.examples = list(examples or [])
+        # The share of each epoch's training FLOPs layer freezing saved.
+        self.flops_saved = list(flops_saved or [])
+        self.sieve = sieve
+        self._start = None  # the clock runs while an epoch trains
+        self._paused = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
         self._level = model_ops.current_level(self.model)
 
+    def _stop_clock(self):
+        if self._start is not None:
+            self.train_seconds += time.perf_counter() - self._start
+            self._start = None
+
+    # Evaluating on the validation data is not training time either (the
+    # independent models the report compares with are not validated every
+    # epoch): the clock stops while fit runs it, at the end of an epoch.
+    def on_test_begin(self, logs=None):
+        self._paused = self._start is not None
+        self._stop_clock()
+
+    def on_test_end(self, logs=None):
+        if self._paused:
+            self._start = time.perf_counter()
+            self._paused = False
+
     def on_epoch_end(self, epoch, logs=None):
         # Saving is not training time: the clock stops before it.
-        self.train_seconds += time.perf_counter() - self._start
+        self._stop_clock()
         self.epochs += 1
         if logs and "examples" in logs:
             self.examples.append(int(logs["examples"]))
+        if logs and "flops_saved" in logs:
+            self.flops_saved.append(float(logs["flops_saved"]))
         level = model_ops.current_level(self.model)
         save(
             self.model,
@@ -110,5 +148,8 @@ class Checkpointer(keras.callbacks.Callback):
                 "epochs": self.epochs,
                 "train_seconds": self.train_seconds,
                 "examples_per_epoch": self.examples,
+                "flops_saved_per_epoch": self.flops_saved,
+                # After the epoch's swap (the sieve calls back first).
+                **({"sieve": self.sieve.state()} if self.sieve else {}),
             },
         )

@@ -77,7 +77,7 @@ flags.DEFINE_list(
     "epochs_per_level",
     [str(_D.epochs_per_level)],
     "Epochs per level (>= 1): one number for every level, or one per level, "
-    "sparsest first (e.g. 6,3,2,1: elsa_tf.budgets.front_loaded).",
+    "sparsest first (e.g. 6,3,3,3: elsa_tf.budgets.front_loaded).",
 )
 flags.DEFINE_integer("batch_size", _D.batch_size, "Training batch size (>= 1).")
 flags.DEFINE_enum(

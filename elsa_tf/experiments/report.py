@@ -12,6 +12,8 @@ this shape (report.json is exactly this dict):
                  "baselines": {<baseline name>: {"achieved_sparsity",
                      "accuracy", "tflite_bytes", "train_seconds"}}}],
      "training_seconds": {"elsa": float, "baselines": {<name>: float}},
+     "examples_per_epoch": [int] | None,     # under data sieving
+     "flops_saved_per_epoch": [float] | None,  # under layer freezing
      "storage_bytes": {"elsa_bundle": int | None, "elsa_levels": int | None,
                        "baselines": {<name>: int}}}
 
@@ -354,6 +356,14 @@ def _totals(report: Mapping[str, Any], names: list[str]):
                 f"{sum(examples):,}{share}",
             ]
         )
+    saved = report.get("flops_saved_per_epoch")
+    if saved:
+        # Weighted by the examples of each epoch, where data sieving
+        # counted them.
+        weights = examples if examples and len(examples) == len(saved) else None
+        weights = weights or [1] * len(saved)
+        share = sum(s * w for s, w in zip(saved, weights)) / sum(weights)
+        rows.append(["Training FLOPs saved (layer freezing)", f"{share:.1%}"])
     for name in names:
         header += [f"{name} (sum of models)", f"ELSA / {name}"]
         base_seconds = (seconds.get("baselines") or {}).get(name)

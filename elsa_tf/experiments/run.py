@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 
 import keras
 import numpy as np
@@ -246,17 +247,30 @@ def train(
                 )
                 print(f"Resuming from {state['path']}: {where}.", flush=True)
         if state["level"] < num_levels:
+            sieving = None
+            if config.sieving_share and state["epochs"] and "sieve" not in state:
+                warnings.warn(
+                    "The checkpoint holds no data-sieving state (saved by an "
+                    "older elsa_tf): the sieve starts afresh, with another "
+                    "held-out set than the run had.",
+                    stacklevel=2,
+                )
+            if config.sieving_share:
+                # Resumed from the checkpoint's queue and forgetting counts.
+                sieving = elsa_tf.SievingCallback(
+                    elsa_tf.DataSieve(
+                        config.sieving_share, config.sieving_interval, seed=config.seed
+                    ),
+                    state=state.get("sieve"),
+                )
             checkpointer = checkpoint.Checkpointer(
                 directory,
                 epochs=state["epochs"],
                 train_seconds=state["train_seconds"],
                 examples=state.get("examples_per_epoch"),
+                flops_saved=state.get("flops_saved_per_epoch"),
+                sieve=sieving,
             )
-            sieving = None
-            if config.sieving_share:
-                sieving = elsa_tf.DataSieve(
-                    config.sieving_share, config.sieving_interval, seed=config.seed
-                )
             elsa_tf.fit(
                 model,
                 data.train_examples()
@@ -500,6 +514,7 @@ def train_and_evaluate(
             }
         )
     bundle = (manifest or {}).get("bundle")
+    last = checkpoint.latest(os.path.join(workdir, "checkpoints")) or {}
     report = {
         "config": config.to_dict(),
         "dataset": config.dataset,
@@ -510,11 +525,10 @@ def train_and_evaluate(
             name: config_lib.method(name, config) for name in ("elsa", *baseline_rows)
         },
         "levels": levels,
-        # Examples trained on in each epoch, under data sieving.
-        "examples_per_epoch": (
-            checkpoint.latest(os.path.join(workdir, "checkpoints")) or {}
-        ).get("examples_per_epoch")
-        or None,
+        # Examples trained on in each epoch, under data sieving, and the
+        # share of each epoch's training FLOPs saved, under layer freezing.
+        "examples_per_epoch": last.get("examples_per_epoch") or None,
+        "flops_saved_per_epoch": last.get("flops_saved_per_epoch") or None,
         "training_seconds": {
             "elsa": seconds,
             "baselines": {

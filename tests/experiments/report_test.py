@@ -104,6 +104,17 @@ def test_markdown_totals_compare_elsa_with_the_baseline():
     assert "| Storage: per-level files (sum) | 30.0 KiB | 40.0 KiB | 0.75× |" in rows
 
 
+def test_totals_give_sieved_examples_and_the_flops_freezing_saved():
+    report = _report()
+    report["num_train"] = 100
+    report["examples_per_epoch"] = [80, 80, 40]
+    report["flops_saved_per_epoch"] = [0.0, 0.1, 0.4]
+    md = report_lib.render_markdown(report)
+    assert "| Examples trained on (data sieving) | 200 (67% of 3 full epochs) |" in md
+    # Weighted by each epoch's examples: (0 * 80 + 0.1 * 80 + 0.4 * 40) / 200.
+    assert "| Training FLOPs saved (layer freezing) | 12.0% |" in md
+
+
 def test_markdown_names_the_method_of_each_side():
     md = report_lib.render_markdown(_report())
     assert f"- ELSA: {ELSA}\n- independent: {TFMOT}\n" in md
