@@ -5,6 +5,7 @@ in-process test shares the imports and Keras registrations that a fresh
 process must set up by itself to load a checkpoint.
 """
 
+import json
 import os
 import shlex
 import shutil
@@ -31,11 +32,11 @@ def _env():
     return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
 
 
-def _start_and_stop(workdir, sig):
+def _start_and_stop(workdir, sig, extra=()):
     """Starts a run, sends `sig` once it has saved a checkpoint; returns
     (return code, stderr)."""
     process = subprocess.Popen(
-        [ELSA_TRAIN, f"--workdir={workdir}", *ARGS],
+        [ELSA_TRAIN, f"--workdir={workdir}", *ARGS, *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -96,10 +97,19 @@ def test_ctrl_c_says_where_and_how_to_resume_and_the_resume_finishes(tmp_path):
 @pytest.mark.slow
 def test_a_killed_run_resumes_in_a_new_process(tmp_path):
     workdir = tmp_path / "run"
-    returncode, _ = _start_and_stop(workdir, signal.SIGKILL)
+    # With data sieving, whose queue must carry on through the kill too.
+    sieving = ["--sieving_share=0.2", "--sieving_interval=1"]
+    returncode, _ = _start_and_stop(workdir, signal.SIGKILL, sieving)
     assert returncode == -signal.SIGKILL
     assert "config.json" in os.listdir(workdir)
+    stopped = json.loads((workdir / "checkpoints" / "checkpoint.json").read_text())
 
     result = _resume(workdir)
     assert result.returncode == 0, result.stderr
     _assert_finished(workdir)
+    state = json.loads((workdir / "checkpoints" / "checkpoint.json").read_text())
+    # One sieve over the 6 epochs of both processes, swapped after each
+    # (restarted, it would count only the resumed run's epochs).
+    assert stopped["sieve"]["epochs"] == stopped["epochs"] >= 1
+    assert state["sieve"]["epochs"] == state["epochs"] == 6
+    assert state["sieve"]["queue"]["swaps"] == 6
