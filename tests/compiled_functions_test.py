@@ -11,6 +11,17 @@ from elsa_tf import compiled_functions, constraints, elsa_model, model_ops
 from elsa_tf.experiments import checkpoint
 
 
+def _fit(model, x, y, **kwargs):
+    """`elsa_tf.fit` with this file's defaults: Adam(1e-2), batches of 16."""
+    kwargs = {
+        "epochs_per_level": 1,
+        "optimizer": keras.optimizers.Adam(1e-2),
+        "batch_size": 16,
+        **kwargs,
+    }
+    return elsa_tf.fit(model, x, y, loss=LOSS, verbose=0, **kwargs)
+
+
 @pytest.fixture
 def traced_levels(monkeypatch):
     """The level of every trace of `ElsaModel.train_step`."""
@@ -50,17 +61,8 @@ def test_levels_share_traced_steps_and_stay_exact(
             level = model_ops.current_level(self.model) - 1
             snapshots.append(elsa_tf.extract(self.model, level)(x).numpy())
 
-    elsa_tf.fit(
-        model,
-        x,
-        y,
-        epochs_per_level=[2, 1, 1, 1],
-        optimizer=keras.optimizers.Adam(1e-2),
-        loss=LOSS,
-        batch_size=16,  # 4 full batches: one input shape
-        callbacks=[Snapshot()],
-        verbose=0,
-    )
+    # 64 examples in batches of 16: one input shape, so no retrace for it.
+    _fit(model, x, y, epochs_per_level=[2, 1, 1, 1], callbacks=[Snapshot()])
     assert sorted(set(traced_levels)) == traces
     # The first step is traced twice (the optimizer makes its variables in
     # the first call), every later one once.
@@ -84,17 +86,7 @@ def test_an_optimizer_configured_alike_is_reset_not_recompiled():
             inner = self.model.optimizer.inner_optimizer
             seen.append((self.model.optimizer, int(inner.iterations.numpy())))
 
-    elsa_tf.fit(
-        model,
-        x,
-        y,
-        epochs_per_level=1,
-        optimizer=keras.optimizers.Adam(1e-2),
-        loss=LOSS,
-        batch_size=16,
-        callbacks=[Optimizer()],
-        verbose=0,
-    )
+    _fit(model, x, y, callbacks=[Optimizer()])
     # The same optimizer throughout, back at its just-built state (no step
     # taken) at the start of every level.
     assert len({id(o) for o, _ in seen}) == 1
@@ -111,16 +103,12 @@ def test_an_optimizer_configured_otherwise_is_compiled_anew():
         def on_train_begin(self, logs=None):
             optimizers.append(self.model.optimizer)
 
-    elsa_tf.fit(
+    _fit(
         model,
         x,
         y,
-        epochs_per_level=1,
         optimizer=lambda: keras.optimizers.Adam(next(rates)),
-        loss=LOSS,
-        batch_size=16,
         callbacks=[Optimizer()],
-        verbose=0,
     )
     assert optimizers[0] is optimizers[1]
     assert optimizers[2] is not optimizers[1]
@@ -135,15 +123,8 @@ class _NoConfigSchedule(keras.optimizers.schedules.LearningRateSchedule):
 def test_a_schedule_without_a_config_is_compiled_anew_each_level():
     x, y = image_data(n=32)
     model = elsa_tf.embed(cnn_with_bn(), [0.5, 0.0])
-    histories = elsa_tf.fit(
-        model,
-        x,
-        y,
-        epochs_per_level=1,
-        optimizer=lambda: keras.optimizers.Adam(_NoConfigSchedule()),
-        loss=LOSS,
-        batch_size=16,
-        verbose=0,
+    histories = _fit(
+        model, x, y, optimizer=lambda: keras.optimizers.Adam(_NoConfigSchedule())
     )
     assert len(histories) == 2
 
@@ -160,18 +141,7 @@ def test_a_resumed_level_is_followed_by_this_calls_loss():
         def on_train_begin(self, logs=None):
             losses.append(self.model._compile_config.config["loss"])
 
-    elsa_tf.fit(
-        model,
-        x,
-        y,
-        epochs_per_level=2,
-        initial_epoch=1,
-        optimizer=keras.optimizers.Adam(1e-2),
-        loss=LOSS,
-        batch_size=16,
-        callbacks=[Loss()],
-        verbose=0,
-    )
+    _fit(model, x, y, epochs_per_level=2, initial_epoch=1, callbacks=[Loss()])
     # The resumed level keeps its saved compile; the next one gets LOSS.
     assert losses[0] is saved_loss and losses[1] is LOSS
 
