@@ -2,12 +2,15 @@
 the embedded model's level.
 
 A traced training step bakes in how the optimizer treats each variable (which
-are frozen, which are projected onto the level) and whether normalization
-layers are frozen. `model.fit` under `LevelScheduler` retraces after every
-level by itself; a custom loop's own `tf.function` would silently keep
-training the old level. `elsa_tf.function(model)` keeps one trace per level
-state of the model (`ElsaModel.trace_key`) and picks the right one at every
-call, so a custom loop needs no retrace discipline of its own. Its steps
+are frozen whole, which are projected onto the level read from a variable)
+and whether normalization layers are frozen. `model.fit` under
+`LevelScheduler` puts the right train function in place by itself
+(`elsa_tf.compiled_functions`); a custom loop's own `tf.function` traced at
+level 0 would keep training shared weights that later levels freeze.
+`elsa_tf.function(model)` keeps one trace per state of the model that a step
+depends on (`ElsaModel.trace_key`: every level after the first shares one,
+and under `shared="per_level_statistics"` level 0 too) and picks the right
+one at every call, so a custom loop needs no retrace discipline of its own. Its steps
 train the current level as `model.fit` does under `LevelScheduler`: compute
 gradients with `model(x, training=True)` and apply them with a
 `FreezingOptimizer`.
@@ -54,9 +57,9 @@ class LevelFunction:
 def function(model, fn=None, **tf_function_kwargs):
     """Like `tf.function`, for a step that trains an embedded model.
 
-    The step is traced again whenever the model's level changes
-    (`elsa_tf.finish_level`, `LevelScheduler`), as `model.fit` does with its
-    own train function.
+    The step is traced again whenever the model's trace key changes with
+    its level (`elsa_tf.finish_level`, `LevelScheduler`), as `model.fit`
+    does with its own train function.
 
     Args:
         model: the embedded model the step trains.
