@@ -71,3 +71,24 @@ def run_configs(names, configs: dict, data_dir, run_one, summarize, format_table
         results[name] = result
         print(format_table(name, result), flush=True)
     return results
+
+
+def run_configs_in_temporary_directory(
+    prefix: str, names, configs: dict, data_dir, run_one, summarize, format_table
+) -> dict:
+    """`run_configs`, with `run_one(name, workdir)` working in one temporary
+    directory (removed afterwards) and only absl's errors logged."""
+    import tempfile
+
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
+        return run_configs(
+            names,
+            configs,
+            data_dir,
+            lambda name: run_one(name, workdir),
+            summarize,
+            format_table,
+        )

@@ -66,15 +66,19 @@ A quick smoke run:
 from __future__ import annotations
 
 import os
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from _configs import CIFAR10_RESNET20, DIGITS, MNIST1D, run_configs  # noqa: E402
+from _configs import (  # noqa: E402
+    CIFAR10_RESNET20,
+    DIGITS,
+    MNIST1D,
+    run_configs_in_temporary_directory,
+)
 from _counts import multiply_adds  # noqa: E402
 from _output import mean_std, write_json  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["digits", "mnist1d", "cifar10"], "Configurations.")
@@ -464,25 +468,24 @@ def format_table(name: str, result: dict) -> str:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="elsa_channel_accuracy_") as workdir:
-        results = run_configs(
-            FLAGS.configs,
-            CONFIGS,
-            FLAGS.data_dir,
-            lambda name: run_config(
-                name,
-                [int(s) for s in FLAGS.seeds],
-                workdir,
-                sparsities=[float(s) for s in FLAGS.sparsities],
-                selection=FLAGS.selection,
-                epochs=FLAGS.epochs_per_level,
-                data_dir=FLAGS.data_dir,
-                whole_run=FLAGS.narrow_whole_run,
-            ),
-            summarize,
-            format_table,
-        )
+    results = run_configs_in_temporary_directory(
+        "elsa_channel_accuracy_",
+        FLAGS.configs,
+        CONFIGS,
+        FLAGS.data_dir,
+        lambda name, workdir: run_config(
+            name,
+            [int(s) for s in FLAGS.seeds],
+            workdir,
+            sparsities=[float(s) for s in FLAGS.sparsities],
+            selection=FLAGS.selection,
+            epochs=FLAGS.epochs_per_level,
+            data_dir=FLAGS.data_dir,
+            whole_run=FLAGS.narrow_whole_run,
+        ),
+        summarize,
+        format_table,
+    )
     if FLAGS.out:
         write_json(FLAGS.out, results)
 

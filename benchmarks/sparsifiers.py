@@ -36,14 +36,18 @@ A quick smoke run:
 from __future__ import annotations
 
 import os
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from _configs import CIFAR10_RESNET20, DIGITS, MNIST1D, run_configs  # noqa: E402
+from _configs import (  # noqa: E402
+    CIFAR10_RESNET20,
+    DIGITS,
+    MNIST1D,
+    run_configs_in_temporary_directory,
+)
 from _output import mean_std, write_json  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["digits", "mnist1d", "cifar10"], "Configurations.")
@@ -275,32 +279,31 @@ def format_table(name: str, result: dict) -> str:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="elsa_sparsifiers_") as workdir:
-        results = run_configs(
-            FLAGS.configs,
-            CONFIGS,
-            FLAGS.data_dir,
-            lambda name: run_config(
-                name,
-                [int(s) for s in FLAGS.seeds],
-                workdir,
-                epochs=FLAGS.epochs_per_level,
-                data_dir=FLAGS.data_dir,
-                carry=FLAGS.carry,
-                overrides={
-                    k: v
-                    for k, v in (
-                        ("optimizer", FLAGS.optimizer),
-                        ("learning_rate", FLAGS.learning_rate),
-                        ("selection", FLAGS.selection),
-                    )
-                    if v is not None
-                },
-            ),
-            summarize,
-            format_table,
-        )
+    results = run_configs_in_temporary_directory(
+        "elsa_sparsifiers_",
+        FLAGS.configs,
+        CONFIGS,
+        FLAGS.data_dir,
+        lambda name, workdir: run_config(
+            name,
+            [int(s) for s in FLAGS.seeds],
+            workdir,
+            epochs=FLAGS.epochs_per_level,
+            data_dir=FLAGS.data_dir,
+            carry=FLAGS.carry,
+            overrides={
+                k: v
+                for k, v in (
+                    ("optimizer", FLAGS.optimizer),
+                    ("learning_rate", FLAGS.learning_rate),
+                    ("selection", FLAGS.selection),
+                )
+                if v is not None
+            },
+        ),
+        summarize,
+        format_table,
+    )
     if FLAGS.out:
         write_json(FLAGS.out, results)
 

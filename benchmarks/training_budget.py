@@ -53,13 +53,17 @@ A quick smoke run:
 from __future__ import annotations
 
 import os
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from _configs import CIFAR10_RESNET20, DIGITS, MNIST1D, run_configs  # noqa: E402
+from _configs import (  # noqa: E402
+    CIFAR10_RESNET20,
+    DIGITS,
+    MNIST1D,
+    run_configs_in_temporary_directory,
+)
 from _output import mean_std, write_json  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 METHODS = (
     "full",
@@ -299,7 +303,6 @@ def format_table(name: str, result: dict) -> str:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.ERROR)
     methods = list(FLAGS.methods)
     for m in methods:
         if m not in METHODS and not _is_budget(m):
@@ -307,25 +310,25 @@ def main(argv):
                 f"--methods takes {METHODS}, or epochs per level joined by "
                 f"'-' (6-3-2-4). Received: {m!r}"
             )
-    with tempfile.TemporaryDirectory(prefix="elsa_budget_") as workdir:
-        results = run_configs(
-            FLAGS.configs,
-            CONFIGS,
-            FLAGS.data_dir,
-            lambda name: run_config(
-                name,
-                [int(s) for s in FLAGS.seeds],
-                workdir,
-                methods=methods,
-                epochs=FLAGS.epochs,
-                sieving=(FLAGS.sieving_share, FLAGS.sieving_interval),
-                freeze_share=FLAGS.freeze_share,
-                shared=FLAGS.shared,
-                data_dir=FLAGS.data_dir,
-            ),
-            summarize,
-            format_table,
-        )
+    results = run_configs_in_temporary_directory(
+        "elsa_budget_",
+        FLAGS.configs,
+        CONFIGS,
+        FLAGS.data_dir,
+        lambda name, workdir: run_config(
+            name,
+            [int(s) for s in FLAGS.seeds],
+            workdir,
+            methods=methods,
+            epochs=FLAGS.epochs,
+            sieving=(FLAGS.sieving_share, FLAGS.sieving_interval),
+            freeze_share=FLAGS.freeze_share,
+            shared=FLAGS.shared,
+            data_dir=FLAGS.data_dir,
+        ),
+        summarize,
+        format_table,
+    )
     if FLAGS.out:
         write_json(FLAGS.out, results)
 
