@@ -37,6 +37,13 @@ integer: ResNet-20 at width 0.5 has the widths of its level keeping 50%).
 The project measured MobileNetV2 alpha 0.5 at 2.98x faster than alpha 1.0 on
 one thread before.
 
+A line `ms = fixed + per-MAC cost x MACs` is fitted to every row of a model
+(levels and plain models, least squares) per thread count. Its fixed part is
+what one inference costs whatever the widths (operator dispatch, memory
+planning, the ops not counted); a level of MAC ratio `r` cannot beat
+`(fixed + c*M) / (fixed + c*M/r) / r` of its ratio however it is narrowed,
+and the report gives that bound for the sparsest level.
+
 Latency: all files of a model (its levels and, for MobileNetV2, the
 reference rows) are loaded once per thread count, warmed up, and timed in
 `--rounds` rounds; every round runs each file for the same number of
@@ -264,6 +271,7 @@ def run_model(
         "total_channels": dense["total_channels"],
         "levels": rows,
         "references": references,
+        "latency_fit": {n: latency_fit(rows + references, n) for n in latency},
         "levels_s": levels_s,
         "export_s": export_s,
     }
@@ -358,6 +366,29 @@ def run(
 # -- tables ----------------------------------------------------------------------------
 
 
+def latency_fit(rows, threads: str) -> dict:
+    """Least squares `ms = fixed_ms + ms_per_mmac * MMACs` over `rows` (the
+    levels and the plain models), and, for each row, the efficiency that such
+    a fixed cost allows at its MAC count: what no network of that size can
+    beat on this runtime, however it is narrowed."""
+    macs = np.array([r["multiply_adds"] / 1e6 for r in rows])
+    ms = np.array([r["latency"][threads]["median_ms"] for r in rows])
+    design = np.stack([np.ones_like(macs), macs], axis=1)
+    (fixed, per_mmac), *_ = np.linalg.lstsq(design, ms, rcond=None)
+    predicted = design @ [fixed, per_mmac]
+    r2 = 1 - np.sum((ms - predicted) ** 2) / np.sum((ms - ms.mean()) ** 2)
+    dense = fixed + per_mmac * macs.max()
+    bounds = [
+        (dense / (fixed + per_mmac * m)) / (macs.max() / m) for m in macs.tolist()
+    ]
+    return {
+        "fixed_ms": float(fixed),
+        "ms_per_mmac": float(per_mmac),
+        "r2": float(r2),
+        "efficiency_bound": [float(b) for b in bounds],
+    }
+
+
 def _mark(ok: bool) -> str:
     return "✓" if ok else "✗"
 
@@ -423,6 +454,17 @@ def format_tables(results) -> str:
                 f"- Every level's speedup / MAC ratio, {n} thread(s): lowest "
                 f"{worst:.2f} (goal >= {EFFICIENCY_GOAL}) "
                 f"{_mark(worst >= EFFICIENCY_GOAL)}"
+            )
+        for n in threads:
+            fit = res["latency_fit"][n]
+            sparsest = min(res["levels"], key=lambda r: r["multiply_adds"])
+            share = fit["fixed_ms"] / sparsest["latency"][n]["median_ms"]
+            bound = fit["efficiency_bound"][res["levels"].index(sparsest)]
+            lines.append(
+                f"- {n} thread(s): latency = {fit['fixed_ms']:.3f} ms + "
+                f"{fit['ms_per_mmac'] * 1e3:.2f} us per MMAC fits every row "
+                f"(R^2 = {fit['r2']:.3f}); the fixed part is {share:.0%} of the "
+                f"sparsest level's time, and caps its eff. at {bound:.2f}."
             )
         pinned = res["pinned_groups"]
         described = "; ".join(

@@ -34,15 +34,27 @@ change `call`, so it is treated as unknown):
   input's, interleave the channels with positions: of a flattened `H x W x C`
   map, channel `c` is row `c + C*j` of the next Dense kernel, for `j` in
   `range(H*W)` (`stride=C`, `repeat=H*W`).
+- `MultiHeadAttention` has two kinds of channel. Its heads are a group of
+  their own, of `num_heads` channels: head `h` is index `h` of axis 1 of the
+  query, key and value kernels and axis 0 of their biases ("out"), and axis 0
+  of the output projection's kernel ("in"). A head whose query, key and value
+  weights are zero adds nothing to the output (its values are zero whatever
+  its attention), so it is removed as a filter is. Its output projection
+  produces a new group, as a `Dense` does; the query, key and value inputs
+  are consumed on axis 0 of their kernels. Attention masks keep their width;
+  a layer that returns its attention scores keeps all of its heads (the
+  scores have a heads axis).
 
 Everything else pins (keeps whole) the groups it touches, with a reason that
 names the layer: layers and ops whose channels the rules above cannot follow
-(`Lambda`, attention, `LayerNormalization`, `SeparableConv2D`, transposes,
-other reshapes, nested models, a layer with weights it does not declare),
-channels_first layers, a softmax activation (it mixes channels),
-`depth_multiplier > 1`, grouped convolutions and a merge that broadcasts along
-channels. Model inputs (their channels are data, never pruned), model outputs
-and the outputs of the `keep_whole` layers are pinned too.
+(`Lambda`, other attention layers, `LayerNormalization`, `SeparableConv2D`,
+transposes, other reshapes, nested models, a layer with weights it does not
+declare, such as attention with `use_gate=True`), channels_first layers, a
+softmax activation (it mixes channels), `depth_multiplier > 1`, grouped
+convolutions, a merge that broadcasts along channels, and attention with a
+multi-axis `output_shape`. Model inputs (their channels are data, never
+pruned), model outputs and the outputs of the `keep_whole` layers are pinned
+too.
 """
 
 from __future__ import annotations
@@ -91,6 +103,9 @@ MERGES = (
     keras.layers.Minimum,
     keras.layers.Average,
 )
+
+# Layers whose heads are a channel group (the rule in the module docstring).
+ATTENTION = (keras.layers.MultiHeadAttention,)
 
 # Layers that rearrange channels: side by side, or interleaved with positions.
 RESHAPES = (keras.layers.Concatenate, keras.layers.Flatten, keras.layers.Reshape)
@@ -153,7 +168,9 @@ class ChannelGroup:
     Attributes:
         size: the number of channels.
         members: every variable slice the channels index, in graph order.
-        layers: the names of the layers whose outputs carry these channels.
+        layers: the names of the layers whose outputs carry these channels;
+            for attention heads, which no output carries, the attention
+            layer's.
         pinned: why the width must be kept (a model input or output, a
             `keep_whole` layer, a layer the graph cannot narrow through), or
             None when channels may be dropped.
@@ -469,6 +486,8 @@ class _Tracer:
                 why = f"reshapes a last axis of {width} into {out}, not a multiple"
             elif kind in MERGES:
                 return [self._merge(op, node, inputs)]
+            elif kind in ATTENTION:
+                return self._attend(op, node, inputs)
             elif kind is keras.layers.Concatenate:
                 layout = self._concatenate(op, node, inputs)
                 if layout is not None:
@@ -523,6 +542,48 @@ class _Tracer:
             self._seen[id(op)] = ([layout], [layout])
         return layout
 
+    def _attend(self, op, node, inputs: list[_Layout]) -> list[_Layout]:
+        """A MultiHeadAttention call: its heads are a group, its output
+        projection produces another (see the module docstring)."""
+        by_tensor = {id(t): layout for t, layout in zip(node.input_tensors, inputs)}
+        query, value, key = (
+            _argument(node, position, name)
+            for position, name in enumerate(("query", "value", "key"))
+        )
+        key = value if key is None else key
+        projected = [id(query), id(key), id(value)]
+        for tensor, layout in zip(node.input_tensors, inputs):
+            if id(tensor) not in projected:
+                self.pin(layout, _reason(op, "takes it as an attention mask"))
+        layouts = self._shared(op, [by_tensor[i] for i in projected])
+        if id(op) in self._seen:
+            return self._seen[id(op)][1]
+        heads = self.new(op.num_heads)
+        ((head, _),) = heads.segments
+        projections = (op.query_dense, op.key_dense, op.value_dense)
+        for dense, layout in zip(projections, layouts):
+            self.add(layout.members(dense.kernel.path, 0, "in"))
+            self.add([(head, Member(dense.kernel.path, 1, "out"))])
+            if dense.bias is not None:
+                self.add([(head, Member(dense.bias.path, 0, "out"))])
+        output = op.output_dense
+        self.add([(head, Member(output.kernel.path, 0, "in"))])
+        self.carry(heads, op.name)
+        out = self.new(output.kernel.shape[-1])
+        ((group, _),) = out.segments
+        self.add([(group, Member(output.kernel.path, 2, "out"))])
+        if output.bias is not None:
+            self.add([(group, Member(output.bias.path, 0, "out"))])
+        outputs = [out]
+        if len(node.outputs) > 1:
+            reason = _reason(
+                op, "returns its attention scores, which have a heads axis"
+            )
+            self.pin(heads, reason)
+            outputs += [self.new(_width(t), reason) for t in node.outputs[1:]]
+        self._seen[id(op)] = (layouts, outputs)
+        return outputs
+
     def _merge(self, op, node, inputs: list[_Layout]) -> _Layout:
         width = node.outputs[0].shape[-1]
         full = []
@@ -557,6 +618,12 @@ def _width(tensor) -> int:
     return 1 if width is None else width
 
 
+def _argument(node, position: int, name: str):
+    """The call argument at `position` or named `name` of `node`, or None."""
+    args = node.arguments.args
+    return args[position] if len(args) > position else node.arguments.kwargs.get(name)
+
+
 def _reason(op, why: str) -> str:
     return f"layer {op.name!r} ({type(op).__name__}) {why}"
 
@@ -573,18 +640,25 @@ def _declared(op) -> list:
         return [op.kernel, op.bias]
     if kind is keras.layers.BatchNormalization:
         return [op.gamma, op.beta, op.moving_mean, op.moving_variance]
+    if kind in ATTENTION:
+        dense = (op.query_dense, op.key_dense, op.value_dense, op.output_dense)
+        return [v for layer in dense for v in (layer.kernel, layer.bias)]
     return []
 
 
 def _unsupported(op, node) -> str | None:
     """Why the rules cannot follow `op`'s channels, or None when they can."""
     kind = type(op)
-    known = (*PRODUCERS, *FOLLOWERS, *PASS_THROUGH, *MERGES, *RESHAPES)
+    known = (*PRODUCERS, *FOLLOWERS, *PASS_THROUGH, *MERGES, *RESHAPES, *ATTENTION)
     if isinstance(op, keras.Model):
         return "is a nested model; channel_groups does not look inside"
     if kind not in known:
         return "is not a layer whose channels channel_groups can follow"
-    if kind not in MERGES and kind is not keras.layers.Concatenate:
+    if kind in ATTENTION:
+        shape = op.get_config()["output_shape"]
+        if shape is not None and np.size(shape) != 1:
+            return f"has a multi-axis output_shape={shape!r}"
+    elif kind not in MERGES and kind is not keras.layers.Concatenate:
         if len(node.input_tensors) != 1:
             return f"takes {len(node.input_tensors)} tensor inputs"
         if len(node.input_tensors[0].shape) < 2:

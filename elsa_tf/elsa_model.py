@@ -517,6 +517,16 @@ class ElsaModel(keras.Model):
             ) from e
         _set_untracked(self, "channel_groups", groups)
         members = {m.path for g in groups if g.pinned is None for m in g.members}
+        # A sublayer (an attention layer's "query") is named by its path.
+        paths: dict[int, str] = {}
+
+        def name(layer, path):
+            paths.setdefault(id(layer), path)
+            for sub in _keras_compat.sublayers(layer):
+                name(sub, f"{path}/{sub.name}")
+
+        for layer in self.inner_model.layers:
+            name(layer, layer.name)
         owners, initializers = {}, {}
         for layer in _keras_compat.walk(self.inner_model):
             for w in layer.weights:
@@ -525,10 +535,11 @@ class ElsaModel(keras.Model):
                     and w.path in members
                     and not _keras_compat.sublayers(layer)
                 ):
-                    owners.setdefault(layer.name, (layer, []))[1].append(w)
+                    path = paths.get(id(layer), layer.name)
+                    owners.setdefault(id(layer), (path, layer, []))[2].append(w)
                     initializers[id(w)] = _initializer(layer, w)
         _set_untracked(self, "_initializers", initializers)
-        return [(layer.name, [layer], weights) for layer, weights in owners.values()]
+        return [(path, [layer], weights) for path, layer, weights in owners.values()]
 
     def build(self, *args, **kwargs):
         # The inner model is built before embedding (or when it is loaded).

@@ -7,7 +7,9 @@ builds the same architecture with fewer filters and units and copies the
 kept slices into it. Layers that take their width from their input
 (BatchNormalization, depthwise convolutions, Concatenate, Flatten, pooling)
 need no change; `Dense` and the convolutions get their new `units` or
-`filters`, and a `Reshape` its new last dimension.
+`filters`, `MultiHeadAttention` its new `num_heads` (and an `output_shape`
+where its output is no longer as wide as its query), and a `Reshape` its new
+last dimension.
 
 The narrowed model computes exactly what the original computes with every
 dropped channel's parameters zeroed (its kernel slices, bias, normalization
@@ -23,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import keras
 import numpy as np
 
-from elsa_tf.channels import PRODUCERS, ChannelGroup, member_indices
+from elsa_tf.channels import ATTENTION, PRODUCERS, ChannelGroup, member_indices
 
 
 def kept_channels(
@@ -192,6 +194,12 @@ def narrow(
         key = PRODUCERS.get(type(layer))
         if key is not None:
             config[key] = values[layer.kernel.path].shape[-1]
+        elif type(layer) in ATTENTION:
+            query = values[layer.query_dense.kernel.path].shape
+            config["num_heads"] = query[1]
+            width = values[layer.output_dense.kernel.path].shape[-1]
+            if config["output_shape"] is not None or width != query[0]:
+                config["output_shape"] = width
         elif type(layer) is keras.layers.Reshape and config["target_shape"][-1] != -1:
             old, new = ratio[layer.name]
             target = list(config["target_shape"])

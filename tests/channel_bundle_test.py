@@ -56,9 +56,27 @@ def residual():
     return keras.Model(inputs, out, name="residual")
 
 
+def attention():
+    """Dense 12 -> self-attention of 8 heads of 3, added back -> Dense 16 ->
+    average over the 6 positions -> Dense 3: the levels drop heads too.
+
+    The widths differ from each other at every level: the converter stores
+    equal constants once, and a Dense layer on a sequence reads its width as
+    a constant, so two equal widths would merge two tensors in a level's
+    file and leave no bundle (see `test_unsupported_levels_leave_a_note`).
+    """
+    inputs = keras.Input((6, 4), name="x")
+    h = L.Dense(12, name="embed")(inputs)
+    h = L.Add()([h, L.MultiHeadAttention(8, 3, name="mha")(h, h)])
+    h = L.Dense(16, activation="relu", name="ff")(h)
+    h = L.GlobalAveragePooling1D()(h)
+    return keras.Model(inputs, L.Dense(3, name="fc")(h), name="attention")
+
+
 MODELS = {
     "conv_bn": conv_bn,
     "residual": residual,
+    "attention": attention,
     # The converter quantizes weights of 1024 elements or more only: c2's
     # kernel is 9 x 32 x 32.
     "wide_conv_bn": lambda: conv_bn(32),
@@ -101,7 +119,7 @@ def exports(tmp_path_factory):
     return get
 
 
-@pytest.fixture(params=["conv_bn", "residual"])
+@pytest.fixture(params=["conv_bn", "residual", "attention"])
 def exported(request, exports):
     return exports(request.param)
 
@@ -175,11 +193,12 @@ def buffer_of(content: bytes, index: int, dtype) -> np.ndarray:
     )
 
 
-def test_folded_per_level_statistics_are_scaled_slices(exported):
+@pytest.mark.parametrize("name", ["conv_bn", "residual"])  # With BatchNormalization.
+def test_folded_per_level_statistics_are_scaled_slices(name, exports):
     # shared="per_level_statistics" (the default for channels) folds each
     # level's own statistics into its kernels: not slices of the densest
     # kernels, but slices scaled per output channel.
-    _, out, manifest = exported
+    _, out, manifest = exports(name)
     assert manifest["bundle"]["scaled_buffers"] > 0
     assert manifest["bundle"]["exact"] is False
     bundle = lite.read_bundle(out / export.BUNDLE_FILE)
@@ -344,6 +363,29 @@ def test_unsupported_levels_leave_a_note(tmp_path, monkeypatch):
         "No bundle for these channel levels: Level file 0 is not the same graph. "
         "Use the per-level files."
     )
+
+
+def test_constants_the_converter_merges_leave_a_note(tmp_path):
+    """A real refusal: at level 0 the attention model below has widths of 2
+    (its Dense layer "ff", its heads) where the converter already holds a
+    constant 2, so the level's file stores one tensor for both and is no
+    longer the densest graph with narrower tensors."""
+    inputs = keras.Input((6, 4), name="x")
+    h = L.Dense(8, name="embed")(inputs)
+    h = L.Add()([h, L.MultiHeadAttention(8, 2, name="mha")(h, h)])
+    h = L.GlobalAveragePooling1D()(L.Dense(8, activation="relu", name="ff")(h))
+    model = keras.Model(inputs, L.Dense(3, name="fc")(h))
+    embedded_model = finish_levels(
+        elsa_tf.embed(model, SPARSITIES, granularity="channel", selection="per_layer")
+    )
+    manifest = elsa_tf.export_tflite(embedded_model, tmp_path / "out")
+    assert manifest["bundle"] is None
+    assert manifest["bundle_note"].startswith(
+        "No bundle for these channel levels: Level file 0 is not the densest "
+        "file's graph with other widths: "
+    )
+    assert [row["widths"]["mha"] for row in manifest["levels"]] == [2, 4, 8]
+    assert all((tmp_path / "out" / row["file"]).exists() for row in manifest["levels"])
 
 
 # Corrupt bundles: a BundleError or the right level, never a wrong model.

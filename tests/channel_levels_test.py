@@ -510,3 +510,25 @@ def test_keep_whole_bad_input(kwargs, error, match):
     options = {"granularity": "channel", **kwargs}
     with pytest.raises(error, match=match):
         elsa_tf.embed(residual_block(), SPARSITIES, selection="per_layer", **options)
+
+
+def test_attention_layers_own_their_weights_by_path():
+    """Two attention layers each hold a "query" sublayer: their weights are
+    owned by "mha1/query" and "mha2/query", and each layer's heads are a group."""
+    inputs = keras.Input((5, 3))
+    h = L.Dense(8, name="embed")(inputs)
+    h = L.Add()([h, L.MultiHeadAttention(4, 2, name="mha1")(h, h)])
+    h = L.Add()([h, L.MultiHeadAttention(3, 2, name="mha2")(h, h)])
+    h = L.GlobalAveragePooling1D()(h)
+    model = elsa_tf.embed(
+        keras.Model(inputs, L.Dense(3, name="fc")(h)), [0.5, 0.0], granularity="channel"
+    )
+    owners = dict(zip((w.path for w in model.prunable_weights), model.weight_owners))
+    assert owners["mha1/query/kernel"] == "mha1/query"
+    assert owners["mha2/query/kernel"] == "mha2/query"
+    assert owners["mha2/attention_output/bias"] == "mha2/attention_output"
+    assert [(g.layer, g.size) for g in model.channel_layout] == [
+        ("embed", 8),
+        ("mha1", 4),
+        ("mha2", 3),
+    ]

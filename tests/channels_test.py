@@ -104,9 +104,20 @@ def shared():
     return keras.Model(inputs, L.Conv2D(2, 1, name="out")(h), name="shared")
 
 
+def attention():
+    """Dense 6->4 ("embed"), self-attention of 3 heads of 2 over it, added back
+    (a residual), average over positions, Dense 4->2."""
+    inputs = keras.Input((5, 6), name="x")
+    h = L.Dense(4, name="embed")(inputs)
+    h = L.Add(name="add")([h, L.MultiHeadAttention(3, 2, name="mha")(h, h)])
+    h = L.GlobalAveragePooling1D(name="pool")(h)
+    return keras.Model(inputs, L.Dense(2, name="out")(h), name="attention")
+
+
 HAND_MODELS = {
     f.__name__: f
     for f in (
+        attention,
         conv_bn_conv,
         depthwise,
         residual,
@@ -146,6 +157,106 @@ def test_conv_bn_conv_members_exactly():
         M("c2/kernel", 2, "in"),
     )
     assert groups[2].members == (M("c2/kernel", 3, "out"), M("c2/bias", 0, "out"))
+
+
+def test_attention_heads_are_a_group():
+    groups = channel_groups(attention())
+    assert [(g.size, g.layers, g.pinned) for g in groups] == [
+        (6, ("x",), "model input 'x'"),
+        (4, ("embed", "mha", "add", "pool"), None),
+        (3, ("mha",), None),
+        (2, ("out",), "model output 'out'"),
+    ]
+    assert groups[1].members == (
+        M("embed/kernel", 1, "out"),
+        M("embed/bias", 0, "out"),
+        M("mha/query/kernel", 0, "in"),
+        M("mha/key/kernel", 0, "in"),
+        M("mha/value/kernel", 0, "in"),
+        # The addition joins the output projection's group to the stream.
+        M("mha/attention_output/kernel", 2, "out"),
+        M("mha/attention_output/bias", 0, "out"),
+        M("out/kernel", 0, "in"),
+    )
+    # (4, heads, 2) kernels, (heads, 2) biases, a (heads, 2, 4) projection.
+    assert groups[2].members == (
+        M("mha/query/kernel", 1, "out"),
+        M("mha/query/bias", 0, "out"),
+        M("mha/key/kernel", 1, "out"),
+        M("mha/key/bias", 0, "out"),
+        M("mha/value/kernel", 1, "out"),
+        M("mha/value/bias", 0, "out"),
+        M("mha/attention_output/kernel", 0, "in"),
+    )
+
+
+def test_cross_attention_reads_query_key_and_value_from_their_tensors():
+    x, c = keras.Input((5, 3), name="x"), keras.Input((7, 2), name="c")
+    q = L.Dense(4, name="q_in")(x)
+    k = L.Dense(5, name="k_in")(c)
+    v = L.Dense(6, name="v_in")(c)
+    mha = L.MultiHeadAttention(2, 3, use_bias=False, output_shape=8, name="mha")
+    h = L.Dense(3, name="after")(mha(query=q, value=v, key=k))
+    groups = channel_groups(keras.Model([x, c], L.Dense(2, name="out")(h)))
+    assert by_layer(groups, "q_in").members[-1] == M("mha/query/kernel", 0, "in")
+    assert by_layer(groups, "k_in").members[-1] == M("mha/key/kernel", 0, "in")
+    assert by_layer(groups, "v_in").members[-1] == M("mha/value/kernel", 0, "in")
+    heads, output = [g for g in groups if g.layers[0] == "mha"]
+    assert (heads.size, output.size) == (2, 8)
+    assert heads.members == (
+        M("mha/query/kernel", 1, "out"),
+        M("mha/key/kernel", 1, "out"),
+        M("mha/value/kernel", 1, "out"),
+        M("mha/attention_output/kernel", 0, "in"),
+    )
+    assert output.pinned is None
+    assert output.members == (
+        M("mha/attention_output/kernel", 2, "out"),
+        M("after/kernel", 0, "in"),
+    )
+
+
+def attention_with(use_gate=False, **call_options):
+    """Dense 4 ("before") -> attention (2 heads of 2, called with
+    `call_options` and, where `attention_mask=True`, a mask input) -> Dense 3
+    -> Dense 2."""
+    inputs = [keras.Input((5, 3), name="x")]
+    if call_options.get("attention_mask"):
+        inputs.append(keras.Input((5, 5), name="mask", dtype="bool"))
+        call_options["attention_mask"] = inputs[1]
+    h = L.Dense(4, name="before")(inputs[0])
+    h = L.MultiHeadAttention(2, 2, use_gate=use_gate, name="mha")(h, h, **call_options)
+    if isinstance(h, tuple):  # (outputs, scores)
+        h = h[0]
+    h = L.Dense(3, name="after")(h)
+    return keras.Model(inputs, L.Dense(2, name="out")(h))
+
+
+def test_attention_mask_keeps_its_width_and_heads_stay_free():
+    groups = channel_groups(attention_with(attention_mask=True))
+    assert by_layer(groups, "mask").pinned == (
+        "model input 'mask'; layer 'mha' (MultiHeadAttention) takes it as an "
+        "attention mask"
+    )
+    heads = next(g for g in groups if g.layers[0] == "mha")
+    assert heads.size == 2 and heads.pinned is None
+
+
+def test_attention_returning_its_scores_keeps_its_heads():
+    groups = channel_groups(attention_with(return_attention_scores=True))
+    heads = next(g for g in groups if g.layers[0] == "mha")
+    assert heads.size == 2 and heads.pinned == (
+        "layer 'mha' (MultiHeadAttention) returns its attention scores, which "
+        "have a heads axis"
+    )
+    assert by_layer(groups, "before").pinned is None
+
+
+def test_gated_attention_is_pinned():
+    groups = channel_groups(attention_with(use_gate=True))
+    assert "'mha' (MultiHeadAttention) holds weights it does not declare" in (
+        by_layer(groups, "before").pinned
+    )
 
 
 def test_depthwise_follows_its_input():
@@ -349,6 +460,11 @@ def test_member_rejects_bad_values():
         member_indices(Member("k", 0, "in"), [-1])
 
 
+def is_heads(group):
+    """Whether `group` is an attention layer's heads (carried by no tensor)."""
+    return any(m.path.endswith("query/kernel") and m.axis == 1 for m in group.members)
+
+
 def test_every_tensor_position_has_one_group():
     """Each layer's output width is the sum of its groups' sizes times the
     positions they recur at: the groups cover every channel exactly once.
@@ -360,7 +476,9 @@ def test_every_tensor_position_has_one_group():
         groups = channel_groups(model)
         for layer in model.layers:
             width = layer.output.shape[-1]
-            carried = sum(g.size for g in groups if layer.name in g.layers)
+            carried = sum(
+                g.size for g in groups if layer.name in g.layers and not is_heads(g)
+            )
             if isinstance(layer, (L.Flatten, L.Reshape)):
                 assert width % carried == 0, (model.name, layer.name)
             else:

@@ -325,6 +325,58 @@ def test_invariants_hold_with_gates(trained, tmp_path):
         )
 
 
+def test_attention_heads_are_gated_and_removed():
+    """A sequence model whose attention heads are a channel group: the gates
+    pick heads like filters, and the physical levels have fewer heads."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 3))
+    h = L.Dense(8, name="embed")(inputs)
+    h = L.Add()([h, L.MultiHeadAttention(5, 2, name="mha")(h, h)])
+    h = L.GlobalAveragePooling1D()(L.Dense(6, activation="relu", name="ff")(h))
+    model = elsa_tf.embed(
+        keras.Model(inputs, L.Dense(3, name="fc")(h)),
+        SPARSITIES,
+        sparsifier=elsa_tf.PolarizedGates(granularity="channel"),
+    )
+    (heads,) = [g for g in model.channel_layout if g.layer == "mha"]
+    assert heads.size == 5
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5, 3)).astype("float32")
+    y = (x[:, :, 0].sum(axis=1) > 0).astype("int32") + (x[:, 0, 1] > 0)
+    for level in range(model.num_levels):
+        callback = GatesBeforeHardening(model)
+        elsa_tf.fit(
+            model,
+            x,
+            y,
+            levels=[level],
+            epochs_per_level=EPOCHS,
+            batch_size=8,
+            optimizer=keras.optimizers.Adam(1e-2),
+            loss=LOSS,
+            verbose=0,
+            callbacks=[callback],
+        )
+        index = model.channel_layout.index(heads)
+        codes = model.channel_codes()[index]
+        decided = int(np.count_nonzero(codes < level)) + int(
+            np.count_nonzero(callback.last[index] >= gates.THRESHOLD)
+        )
+        want = levels.keep_count(5, SPARSITIES[level])
+        assert abs(decided - want) <= 1, (level, decided, want)
+    assert [row["undecided_gates"] for row in elsa_tf.summary(model)] == [0, 0, 0]
+    sample = x[:8]
+    for level, sparsity in enumerate(SPARSITIES):
+        small = elsa_tf.extract(model, level, physical=True)
+        assert small.get_layer("mha").num_heads == levels.keep_count(5, sparsity)
+        elsa_tf.set_level(model, level)
+        np.testing.assert_allclose(
+            small.predict(sample, verbose=0),
+            model.predict(sample, verbose=0),
+            atol=1e-5,
+        )
+
+
 def test_a_custom_loop_trains_and_hardens_the_gates():
     x, y = data(32)
     model = embed()

@@ -144,6 +144,7 @@ CASES = {
     "Reshape": lambda: L.Reshape((4, 16)),
     **{name: getattr(L, name) for name in ("Add", "Subtract", "Multiply", "Maximum")},
     **{name: getattr(L, name) for name in ("Minimum", "Average", "Concatenate")},
+    "MultiHeadAttention": lambda: L.MultiHeadAttention(3, 2),
 }
 
 
@@ -157,6 +158,8 @@ def around(name):
     layer = CASES[name]()
     if isinstance(layer, (*channels.MERGES, L.Concatenate)):
         h = layer([h, conv(4, 1, name="other")(inputs)])
+    elif isinstance(layer, channels.ATTENTION):
+        h = layer(h, h)
     else:
         h = layer(h)
     h = L.Dense(2, name="out")(L.Flatten(name="flat")(h))
@@ -170,6 +173,7 @@ def test_cases_cover_the_registries():
         *channels.PASS_THROUGH,
         *channels.MERGES,
         *channels.RESHAPES,
+        *channels.ATTENTION,
     )
     assert sorted(CASES) == sorted(kind.__name__ for kind in registered)
 
