@@ -464,7 +464,7 @@ def format_tables(results) -> str:
                 f"- {n} thread(s): latency = {fit['fixed_ms']:.3f} ms + "
                 f"{fit['ms_per_mmac'] * 1e3:.2f} us per MMAC fits every row "
                 f"(R^2 = {fit['r2']:.3f}); the fixed part is {share:.0%} of the "
-                f"sparsest level's time, and caps its eff. at {bound:.2f}."
+                f"sparsest level's time, and limits its eff. to about {bound:.2f}."
             )
         pinned = res["pinned_groups"]
         described = "; ".join(

@@ -247,7 +247,9 @@ def channel_groups(
 
     See the module docstring for the rules. Every position of every tensor's
     last axis belongs to exactly one group, so the groups also tell the width
-    of each layer's output.
+    of each layer's output (but for an attention layer's heads, a group that
+    no tensor carries, listed under the layer's name). A `keep_whole`
+    attention layer keeps its heads too.
 
     Args:
         model: a built Keras 3 Functional or Sequential model.
@@ -291,6 +293,8 @@ def channel_groups(
             tracer.carry(layout, op.name)
             if op.name in keep_whole:
                 tracer.pin(layout, f"keep_whole layer {op.name!r}")
+        if op.name in keep_whole and tracer.heads(op) is not None:
+            tracer.pin(tracer.heads(op), f"keep_whole layer {op.name!r}")
     for tensor in model.outputs:
         tracer.pin(layouts[id(tensor)], f"model output {producers[id(tensor)]!r}")
 
@@ -381,6 +385,7 @@ class _Tracer:
         self._pinned: list[list[str]] = []
         self._clock = 0  # registration order, so merged groups list in graph order
         self._seen: dict[int, tuple[list[_Layout], list[_Layout]]] = {}
+        self._heads: dict[int, _Layout] = {}  # attention layer -> its heads
 
     # -- groups --
     def new(self, size: int, reason: str | None = None) -> _Layout:
@@ -557,8 +562,10 @@ class _Tracer:
                 self.pin(layout, _reason(op, "takes it as an attention mask"))
         layouts = self._shared(op, [by_tensor[i] for i in projected])
         if id(op) in self._seen:
-            return self._seen[id(op)][1]
+            outputs = self._seen[id(op)][1][:1]
+            return outputs + self._scores(op, node)
         heads = self.new(op.num_heads)
+        self._heads[id(op)] = heads
         ((head, _),) = heads.segments
         projections = (op.query_dense, op.key_dense, op.value_dense)
         for dense, layout in zip(projections, layouts):
@@ -574,15 +581,21 @@ class _Tracer:
         self.add([(group, Member(output.kernel.path, 2, "out"))])
         if output.bias is not None:
             self.add([(group, Member(output.bias.path, 0, "out"))])
-        outputs = [out]
-        if len(node.outputs) > 1:
-            reason = _reason(
-                op, "returns its attention scores, which have a heads axis"
-            )
-            self.pin(heads, reason)
-            outputs += [self.new(_width(t), reason) for t in node.outputs[1:]]
-        self._seen[id(op)] = (layouts, outputs)
-        return outputs
+        self._seen[id(op)] = (layouts, [out])
+        return [out] + self._scores(op, node)
+
+    def _scores(self, op, node) -> list[_Layout]:
+        """The attention scores a call returns (none or one tensor), whose
+        heads axis pins the layer's heads."""
+        if len(node.outputs) == 1:
+            return []
+        reason = _reason(op, "returns its attention scores, which have a heads axis")
+        self.pin(self._heads[id(op)], reason)
+        return [self.new(_width(t), reason) for t in node.outputs[1:]]
+
+    def heads(self, op) -> _Layout | None:
+        """The heads group of an attention layer already visited, or None."""
+        return self._heads.get(id(op))
 
     def _merge(self, op, node, inputs: list[_Layout]) -> _Layout:
         width = node.outputs[0].shape[-1]

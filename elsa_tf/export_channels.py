@@ -40,7 +40,8 @@ import numpy as np
 
 import elsa_tf
 from elsa_tf import channels, embedding, export, model_ops, physical, reporting
-from elsa_tf.lite import channel_bundle, runtime
+from elsa_tf.lite import _flatbuffer as fb
+from elsa_tf.lite import _pairing, channel_bundle, runtime
 
 # How far a level made from the bundle may be from its own file's outputs, of
 # the largest output (at least 1): a scaled slice is a float32 rounding away
@@ -194,14 +195,33 @@ def candidates(model, level: int) -> list[np.ndarray]:
     owner = model_ops.owner(model)
     keep = model_ops.channel_keep(owner, level)
     groups = owner.channel_groups
-    found = list(physical.kept_channels(groups, keep))
+    kept = physical.kept_channels(groups, keep)
+    found = list(kept)
     shapes = {v.path: tuple(v.shape) for v in owner.inner_model.weights}
     for axes in physical.kept_indices(groups, keep, shapes).values():
         found.extend(axes.values())
+    layers = {layer.name: layer for layer in owner.inner_model.layers}
+    for group, channels_kept in zip(groups, kept):
+        if type(layers.get(group.layers[0])) in channels.ATTENTION:
+            found.extend(_head_runs(group, channels_kept, shapes))
     unique = {}
     for indices in found:
         unique.setdefault((len(indices), indices.tobytes()), indices)
     return list(unique.values())
+
+
+def _head_runs(group, kept, shapes) -> list[np.ndarray]:
+    """The kept heads of an attention layer as runs of a flattened axis: the
+    converter stores a `(d, heads, key_dim)` kernel as `(heads * key_dim, d)`,
+    so head `h` is rows `h * key_dim` to `(h + 1) * key_dim`. One run per way
+    of merging the heads axis with the axes after it."""
+    runs = []
+    for member in group.members:
+        shape = shapes[member.path]
+        for end in range(member.axis + 2, len(shape) + 1):
+            size = int(np.prod(shape[member.axis + 1 : end]))
+            runs.append((kept[:, None] * size + np.arange(size)).reshape(-1))
+    return runs
 
 
 def _difference(a, b, path: str = "model") -> str | None:
@@ -231,10 +251,22 @@ def _difference(a, b, path: str = "model") -> str | None:
 def _same_model(made: bytes, level_file: bytes, scaled: set[int]) -> str | None:
     """Where the level made from the bundle differs from the level's file,
     as a model: None when they are the same but for tensor names, the
-    bundle's emptied payload buffer, and float32 buffers in `scaled`, which
-    may differ by `channel_bundle.SCALE_TOLERANCE` of their largest value."""
+    bundle's emptied payload buffer, how tensors and buffers are numbered
+    (the made level keeps the densest file's numbering, and two of its
+    tensors may be one of the level file's: `lite._pairing`), and float32
+    buffers in `scaled` (densest buffer indices), which may differ by
+    `channel_bundle.SCALE_TOLERANCE` of their largest value."""
     from tensorflow.lite.tools import flatbuffer_utils
 
+    try:
+        mapping = _pairing.pair_tensors(
+            fb.read_model(made),
+            fb.read_model(level_file),
+            fb.read_operators(made),
+            fb.read_operators(level_file),
+        )
+    except _pairing.GraphMismatch as e:
+        return str(e)
     a = flatbuffer_utils.convert_bytearray_to_object(bytearray(made))
     b = flatbuffer_utils.convert_bytearray_to_object(bytearray(level_file))
     entry = [m for m in a.metadata if m.name.decode() == channel_bundle.METADATA_NAME]
@@ -243,17 +275,64 @@ def _same_model(made: bytes, level_file: bytes, scaled: set[int]) -> str | None:
     if a.buffers[-1].data is not None and len(a.buffers[-1].data):
         return "the bundle's payload buffer is not emptied"
     a.metadata = [m for m in a.metadata if m is not entry[0]]
-    a.buffers = a.buffers[:-1]
-    for sa, sb in zip(a.subgraphs or [], b.subgraphs or []):
-        for ta, tb in zip(sa.tensors or [], sb.tensors or []):
-            ta.name = tb.name
-    for index in scaled:
-        x = np.frombuffer(a.buffers[index].data.tobytes(), np.float32)
-        y = np.frombuffer(b.buffers[index].data.tobytes(), np.float32)
-        limit = channel_bundle.SCALE_TOLERANCE * max(float(np.abs(y).max()), 1e-30)
-        if x.shape != y.shape or not np.abs(x - y).max(initial=0) <= limit:
-            return f"buffer {index}, a scaled slice, is not within {limit:.3g}"
-        a.buffers[index].data = b.buffers[index].data
+
+    def data(tree, index: int) -> bytes:
+        found = tree.buffers[index].data
+        return b"" if found is None else found.tobytes()
+
+    def same(index_a: int, index_b: int, what: str) -> str | None:
+        x, y = data(a, index_a), data(b, index_b)
+        if index_a in scaled:
+            x, y = np.frombuffer(x, np.float32), np.frombuffer(y, np.float32)
+            limit = channel_bundle.SCALE_TOLERANCE * max(float(np.abs(y).max()), 1e-30)
+            if x.shape != y.shape or not np.abs(x - y).max(initial=0) <= limit:
+                return f"{what}, a scaled slice, is not within {limit:.3g}"
+        elif x != y:
+            return f"{what} holds other bytes"
+        return None
+
+    def renumber(indices, s):
+        if indices is None:
+            return None
+        return np.array([mapping[s, i] if i >= 0 else i for i in indices], np.int32)
+
+    # The made level in the level file's numbering: each of its tensors
+    # holds what the level file's tensor does, then takes its place.
+    for s, (sa, sb) in enumerate(zip(a.subgraphs or [], b.subgraphs or [])):
+        placed = [None] * len(sb.tensors or [])
+        for i, ta in enumerate(sa.tensors or []):
+            if (s, i) not in mapping:
+                continue
+            tb = sb.tensors[mapping[s, i]]
+            where = same(ta.buffer, tb.buffer, f"subgraph {s} tensor {tb.name!r}")
+            if where:
+                return where
+            ta.name, ta.buffer = tb.name, tb.buffer
+            if placed[mapping[s, i]] is None:
+                placed[mapping[s, i]] = ta
+            else:
+                where = _difference(ta, placed[mapping[s, i]], f"tensor {tb.name!r}")
+                if where:
+                    return where
+        if any(t is None for t in placed):
+            return f"subgraph {s} of the level file has tensors the made level lacks"
+        sa.tensors = placed
+        sa.inputs, sa.outputs = renumber(sa.inputs, s), renumber(sa.outputs, s)
+        for op in sa.operators or []:
+            op.inputs, op.outputs = renumber(op.inputs, s), renumber(op.outputs, s)
+    for signature in a.signatureDefs or []:
+        for tensor in (*(signature.inputs or []), *(signature.outputs or [])):
+            tensor.tensorIndex = mapping[signature.subgraphIndex, tensor.tensorIndex]
+    own = {m.name: m for m in b.metadata or []}
+    for ma in a.metadata:
+        mb = own.get(ma.name)
+        where = mb and same(ma.buffer, mb.buffer, f"metadata {ma.name!r}")
+        if where:
+            return where
+        ma.buffer = ma.buffer if mb is None else mb.buffer
+    # Every buffer that is read was compared above, through what reads it.
+    a.buffers = b.buffers
+    a.metadataBuffer = b.metadataBuffer
     return _difference(a, b)
 
 

@@ -197,9 +197,12 @@ def narrow(
         elif type(layer) in ATTENTION:
             query = values[layer.query_dense.kernel.path].shape
             config["num_heads"] = query[1]
-            width = values[layer.output_dense.kernel.path].shape[-1]
-            if config["output_shape"] is not None or width != query[0]:
-                config["output_shape"] = width
+            # (heads, value_dim, *output_shape); a multi-axis output is pinned.
+            output = values[layer.output_dense.kernel.path].shape[2:]
+            if len(output) == 1 and (
+                config["output_shape"] is not None or output[0] != query[0]
+            ):
+                config["output_shape"] = output[0]
         elif type(layer) is keras.layers.Reshape and config["target_shape"][-1] != -1:
             old, new = ratio[layer.name]
             target = list(config["target_shape"])

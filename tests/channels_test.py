@@ -252,6 +252,45 @@ def test_attention_returning_its_scores_keeps_its_heads():
     assert by_layer(groups, "before").pinned is None
 
 
+def test_key_given_by_position():
+    x, c = keras.Input((5, 3), name="x"), keras.Input((7, 2), name="c")
+    v = L.Dense(6, name="v_in")(c)
+    k = L.Dense(5, name="k_in")(c)
+    h = L.MultiHeadAttention(2, 3, name="mha")(L.Dense(4, name="q_in")(x), v, k)
+    groups = channel_groups(keras.Model([x, c], L.Dense(2, name="out")(h)))
+    assert by_layer(groups, "k_in").members[-1] == M("mha/key/kernel", 0, "in")
+    assert by_layer(groups, "v_in").members[-1] == M("mha/value/kernel", 0, "in")
+
+
+def test_shared_attention_keeps_one_head_group():
+    """One attention layer called twice: its second call reads the first's
+    output, so the stream and the output projection are one group, and the
+    scores returned by the first call pin the heads of both."""
+    inputs = keras.Input((5, 3), name="x")
+    h = L.Dense(4, name="before")(inputs)
+    mha = L.MultiHeadAttention(2, 2, name="mha")
+    h, scores = mha(h, h, return_attention_scores=True)
+    h = L.GlobalAveragePooling1D(name="pool")(mha(h, h))
+    model = keras.Model(inputs, [L.Dense(2, name="out")(h), scores])
+    groups = channel_groups(model)
+    (heads,) = [g for g in groups if g.size == 2 and g.layers == ("mha",)]
+    assert heads.pinned == (
+        "layer 'mha' (MultiHeadAttention) returns its attention scores, which "
+        "have a heads axis"
+    )
+    stream = by_layer(groups, "before")
+    assert stream.layers == ("before", "mha", "pool") and stream.pinned is None
+    assert M("mha/attention_output/kernel", 2, "out") in stream.members
+
+
+def test_keep_whole_attention_keeps_its_heads():
+    groups = channel_groups(attention_with(), keep_whole=["mha"])
+    heads = next(g for g in groups if g.layers[0] == "mha")
+    assert heads.pinned == "keep_whole layer 'mha'"
+    assert heads.members[0] == M("mha/query/kernel", 1, "out")
+    assert by_layer(groups, "before").pinned is None
+
+
 def test_gated_attention_is_pinned():
     groups = channel_groups(attention_with(use_gate=True))
     assert "'mha' (MultiHeadAttention) holds weights it does not declare" in (

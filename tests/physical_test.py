@@ -6,7 +6,7 @@ import functools
 import keras
 import numpy as np
 import pytest
-from channels_test import HAND_MODELS, conv_bn_conv, flatten_dense
+from channels_test import HAND_MODELS, by_layer, conv_bn_conv, flatten_dense
 
 from elsa_tf import channels, physical
 from elsa_tf.channels import channel_groups
@@ -196,6 +196,22 @@ def test_narrow_around_a_pinned_layer():
     h = L.Conv2D(5, 1, name="after")(h)
     model = randomize(keras.Model(inputs, L.Conv2D(2, 1, name="out")(h)))
     check_equal_to_masked(model, seeds=range(2))
+
+
+def test_attention_with_a_multi_axis_output_keeps_it():
+    """An attention layer whose output_shape has two axes is pinned, and the
+    narrowed copy keeps that shape while the Dense layer after it narrows."""
+    inputs = keras.Input((5, 3), name="x")
+    h = L.Dense(6, name="before")(inputs)
+    h = L.MultiHeadAttention(2, 2, output_shape=(2, 3), name="mha")(h, h)
+    h = L.Dense(5, name="after")(L.Flatten(name="flat")(h))
+    model = randomize(keras.Model(inputs, L.Dense(2, name="out")(h)))
+    groups = channel_groups(model)
+    assert by_layer(groups, "after").pinned is None
+    check_equal_to_masked(model, seeds=[0, 1])
+    small = narrow(model, groups, random_keep(groups, 0))
+    assert small.get_layer("mha").output.shape == (None, 5, 2, 3)
+    assert small.get_layer("after").units < 5
 
 
 def test_parameter_counts_by_hand():

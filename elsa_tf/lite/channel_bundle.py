@@ -33,7 +33,9 @@ recorded at export, is checked after every materialization: a truncated or
 corrupt bundle raises `BundleError`, never yields a wrong model.
 
 `encode` (used at export, pure NumPy too) pairs each level's file with the
-densest file tensor by tensor and operator by operator. Files that differ in
+densest file operator by operator, and so tensor by tensor (`_pairing`: a
+level may hold one tensor where the densest file holds two equal-valued
+ones, as the converter stores equal constants once). Files that differ in
 anything but these widths and buffers raise `UnsupportedLevels`; the export
 then writes no bundle and says why.
 """
@@ -53,6 +55,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from elsa_tf.lite import _flatbuffer as fb
+from elsa_tf.lite import _pairing
 from elsa_tf.lite import bundle as bundle_lib
 from elsa_tf.lite.bundle import BundleError
 
@@ -197,47 +200,63 @@ def _vectors(data, model: fb.ModelRef, operators) -> dict[tuple, np.ndarray]:
     return found
 
 
-def _check_same_graph(position: int, dense, level, dense_ops, level_ops) -> None:
+def _check_same_graph(
+    position: int, dense, level, dense_ops, level_ops
+) -> tuple[dict, dict]:
+    """Raises `UnsupportedLevels` unless `level` is `dense` with narrower
+    tensors (`_pairing`); returns which level tensor each densest tensor is,
+    `(subgraph, index) -> index`, and which level buffer each densest buffer
+    is, `index -> index`."""
+
     def fail(what):
         raise UnsupportedLevels(
             f"Level file {position} is not the densest file's graph with other "
             f"widths: {what}."
         )
 
-    if len(level.buffers) != len(dense.buffers):
-        fail(f"{len(level.buffers)} buffers against {len(dense.buffers)}")
-    if len(level.tensors) != len(dense.tensors):
-        fail(f"{len(level.tensors)} tensors against {len(dense.tensors)}")
-    if (level.inputs, level.outputs) != (dense.inputs, dense.outputs):
-        fail("other inputs or outputs")
-    if sorted(level.metadata.items()) != sorted(dense.metadata.items()):
-        fail(f"metadata {level.metadata} against {dense.metadata}")
-    for a, b in zip(level.tensors, dense.tensors):
-        if (a.subgraph, a.type, a.buffer, a.sparse) != (
-            b.subgraph,
-            b.type,
-            b.buffer,
-            b.sparse,
-        ):
-            fail(f"tensor {b.index} ({b.name!r}) differs in type or buffer")
+    try:
+        tensor_map = _pairing.pair_tensors(dense, level, dense_ops, level_ops)
+    except _pairing.GraphMismatch as e:
+        fail(str(e))
+    if sorted(level.metadata) != sorted(dense.metadata):
+        fail(f"metadata {sorted(level.metadata)} against {sorted(dense.metadata)}")
+    buffer_map = {dense.metadata[name]: level.metadata[name] for name in dense.metadata}
+    level_tensors = {(t.subgraph, t.index): t for t in level.tensors}
+    for b in dense.tensors:
+        if (b.subgraph, b.index) not in tensor_map:
+            continue
+        a = level_tensors[b.subgraph, tensor_map[b.subgraph, b.index]]
+        if (a.type, a.sparse) != (b.type, b.sparse):
+            fail(f"tensor {b.index} ({b.name!r}) differs in type")
+        if bool(level.buffers[a.buffer].size) != bool(dense.buffers[b.buffer].size):
+            fail(f"tensor {b.index} ({b.name!r}) is a constant in one file only")
         if len(a.shape) != len(b.shape) or any(i > j for i, j in zip(a.shape, b.shape)):
             fail(f"tensor {b.index} ({b.name!r}) has shape {a.shape}, not {b.shape}")
-    if len(level_ops) != len(dense_ops):
-        fail(f"{len(level_ops)} operators against {len(dense_ops)}")
-    for a, b in zip(level_ops, dense_ops):
-        if a != b:
-            fail(f"operator {b.index} of subgraph {b.subgraph} differs")
+        if buffer_map.setdefault(b.buffer, a.buffer) != a.buffer:
+            fail(
+                f"buffer {b.buffer} is the level's buffers {buffer_map[b.buffer]} "
+                f"and {a.buffer}"
+            )
+    return tensor_map, buffer_map
 
 
 def _edits(position, dense_data, level_data, candidates, data: _Data, counts):
     dense, level = fb.read_model(dense_data), fb.read_model(level_data)
     dense_ops, level_ops = fb.read_operators(dense_data), fb.read_operators(level_data)
-    _check_same_graph(position, dense, level, dense_ops, level_ops)
+    tensor_map, buffer_map = _check_same_graph(
+        position, dense, level, dense_ops, level_ops
+    )
     edits = []
     dense_vectors = _vectors(dense_data, dense, dense_ops)
     level_vectors = _vectors(level_data, level, level_ops)
     for path, old in dense_vectors.items():
-        new = level_vectors[path]
+        if path[0] == "tensor":
+            index = tensor_map.get(path[1:3])
+            if index is None:  # Read by nothing: left as it is.
+                continue
+            new = level_vectors[(*path[:2], index, *path[3:])]
+        else:
+            new = level_vectors[path]
         if new is None and old is None:
             continue
         if new is None or old is None or len(new) > len(old):
@@ -254,8 +273,10 @@ def _edits(position, dense_data, level_data, candidates, data: _Data, counts):
     owners = fb.constant_tensors(dense)
     level_tensors = {(t.subgraph, t.index): t for t in level.tensors}
     for ref in dense.buffers:
+        if ref.index not in buffer_map:  # Read by nothing: left as it is.
+            continue
         old = bytes(fb.buffer_bytes(dense_data, ref))
-        new = bytes(fb.buffer_bytes(level_data, level.buffers[ref.index]))
+        new = bytes(fb.buffer_bytes(level_data, level.buffers[buffer_map[ref.index]]))
         if new == old:
             continue
         if len(new) > len(old):
@@ -265,10 +286,11 @@ def _edits(position, dense_data, level_data, candidates, data: _Data, counts):
             )
         edit = {"buffer": ref.index, "length": len(new)}
         tensor = owners.get(ref.index)
+        key = None if tensor is None else (tensor.subgraph, tensor.index)
         match = None
-        if tensor is not None and tensor.dtype is not None and not tensor.sparse:
+        if key in tensor_map and tensor.dtype is not None and not tensor.sparse:
             dtype, shape = tensor.dtype, tensor.shape
-            level_shape = level_tensors[tensor.subgraph, tensor.index].shape
+            level_shape = level_tensors[key[0], tensor_map[key]].shape
             fits = int(np.prod(shape)) * dtype.itemsize == len(old)
             if fits and int(np.prod(level_shape)) * dtype.itemsize == len(new):
                 match = _match_buffer(
