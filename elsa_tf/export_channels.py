@@ -13,14 +13,17 @@ own scales, must give finite outputs of the right shapes, as converted
 levels of other models are not compared either).
 
 The bundle (`bundle.tflite`) is a channel bundle (`elsa_tf.lite.channel_bundle`):
-the densest file plus, for every level, the edits that make its narrower
-flatbuffer from it on the device: new tensor shapes, quantization and
-Reshape options, and each narrowed constant as a slice of the densest one
-(kept indices per axis, tried among the level's kept channels of every
-channel group and variable axis; a per-channel scale where the level's own
-normalization statistics are folded into a kernel) or as its own bytes. Every
-level made from the bundle is checked before the bundle is written: the same
-model as the level's file, tensor by tensor, but for tensor names (the
+the densest file (each small integer constant that several operators read
+copied for each of them: `unshare_constants`) plus, for every level, the
+edits that make its narrower flatbuffer from it on the device: new tensor
+shapes, quantization and Reshape options, and each narrowed constant as a
+slice of the densest one (kept indices per axis, tried among the level's
+kept channels of every channel group and variable axis, and an attention
+layer's kept heads as runs of a flattened axis; a per-channel scale where
+the level's own normalization statistics are folded into a kernel) or as
+its own bytes. Every level made from the bundle is checked before the
+bundle is written: the same model as the level's file, tensor by tensor
+(paired operator by operator: `lite._pairing`), but for tensor names (the
 converter names fused tensors after whichever ops it fused), and outputs on
 the probe inputs within `MATCH_TOLERANCE` of that file's. A level that is not
 the densest file's graph with narrower tensors, or that fails a check, leaves
@@ -336,6 +339,60 @@ def _same_model(made: bytes, level_file: bytes, scaled: set[int]) -> str | None:
     return _difference(a, b)
 
 
+# TFLite tensor types of the constants `unshare_constants` gives each reader
+# its own copy of: INT32 and INT64, the types of shapes and axes.
+_SHAPE_TYPES = (2, 4)
+
+
+def unshare_constants(content: bytes) -> bytes:
+    """The file with every small integer constant (rank 0 or 1: a shape, an
+    axis) that several operator inputs read copied, one copy per reader.
+
+    The converter stores equal constants once, so the densest level's file
+    may hold one shape constant `[16]` for two Dense layers of width 16 (a
+    transformer's stream and its feed-forward output), which a level that
+    narrows only one of them must split. A bundle made of this file instead
+    never has to split a tensor, only to pair several of its tensors with
+    one of a level's (`lite._pairing`). The copies cost a few bytes each.
+    """
+    import copy
+
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    changed = False
+    for subgraph in model.subgraphs or []:
+        seen = set()
+        for op in subgraph.operators or []:
+            inputs = list(op.inputs)
+            for position, index in enumerate(inputs):
+                if index < 0:
+                    continue
+                tensor = subgraph.tensors[index]
+                data = model.buffers[tensor.buffer].data
+                small = tensor.shape is not None and len(tensor.shape) <= 1
+                if data is None or not len(data) or tensor.type not in _SHAPE_TYPES:
+                    continue
+                if not small or index not in seen:
+                    seen.add(index)
+                    continue
+                twin = copy.deepcopy(tensor)
+                buffer = schema.BufferT()
+                buffer.data = np.array(data, copy=True)
+                model.buffers.append(buffer)
+                twin.buffer = len(model.buffers) - 1
+                subgraph.tensors.append(twin)
+                inputs[position] = len(subgraph.tensors) - 1
+                changed = True
+            op.inputs = np.array(inputs, np.int32)
+    if not changed:
+        return content
+    builder = export._aligned_builder(len(content) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def bundle_file(densest: bytes, payload: bytes) -> bytes:
     """The bundle file: `densest` with the payload of `channel_bundle.encode`
     as metadata, its placeholders filled (the file's length, and the digest
@@ -364,10 +421,12 @@ def _bundle(model, levels, files, rows, name, probe) -> tuple[bytes, dict]:
     Raises:
         BundleRefused: naming the level and what keeps it out of a bundle.
     """
+    base = unshare_constants(files[-1])
     try:
         payload, stats = channel_bundle.encode(
             files,
             [candidates(model, level) for level in levels],
+            base=base,
             header={
                 "levels": list(levels),
                 # As the weight bundle's header: tools read a bare bundle.
@@ -379,7 +438,7 @@ def _bundle(model, levels, files, rows, name, probe) -> tuple[bytes, dict]:
         )
     except channel_bundle.UnsupportedLevels as e:
         raise BundleRefused(str(e).rstrip(".")) from e
-    content = bundle_file(files[-1], payload)
+    content = bundle_file(base, payload)
     bundle = channel_bundle.read_bundle(content)
     edits = bundle.edits()
     largest = 0.0

@@ -8,7 +8,10 @@ equal (a Dense layer's width of 2 beside an axis constant 2), its file has
 one tensor where the densest has two. Both of the densest file's tensors
 then take that tensor's value, and the level made from the bundle computes
 what the level's file computes. The reverse, a level that splits a tensor
-the densest file shares, cannot be made in place, and is refused.
+the densest file shares, cannot be made in place, and is refused; the
+export therefore makes its bundles of a densest file in which each small
+integer constant (a shape) has one copy per reader
+(`elsa_tf.export_channels.unshare_constants`).
 
 `pair_tensors` finds the pairing by walking both files' operators side by
 side (pure: `_flatbuffer` references in, a dict out).

@@ -319,17 +319,21 @@ def encode(
     candidates: Sequence[Sequence[np.ndarray]] | None = None,
     *,
     header: dict | None = None,
+    base: bytes | None = None,
 ) -> tuple[bytes, EncodeStats]:
     """Builds a channel bundle's payload from every level's file.
 
     Args:
         level_files: the `.tflite` bytes of the levels, sparsest first; the
-            last is the densest, the file the bundle is made of.
+            last is the densest.
         candidates: per level, index arrays that may be a narrowed axis's
             kept indices (the kept channels of each channel group and of each
             variable's axes). A buffer is sliced only along these; without
             them, every narrowed buffer is stored.
         header: extra JSON fields stored in the header.
+        base: the file the bundle is made of: the densest level's graph, in
+            which a level may hold one tensor where `base` holds several
+            (`_pairing`). None for the densest level's file itself.
 
     Returns:
         The payload, with placeholder digests and file length
@@ -354,7 +358,7 @@ def encode(
     edits = [
         _edits(
             position,
-            level_files[-1],
+            level_files[-1] if base is None else base,
             content,
             [np.asarray(c, np.int64) for c in level_candidates],
             data,
