@@ -27,6 +27,12 @@ change `call`, so it is treated as unknown):
   input's groups through unchanged.
 - `Add`, `Subtract`, `Multiply`, `Maximum`, `Minimum`, `Average` merge their
   inputs' groups into one: the partners must agree.
+- Elementwise Keras operations recorded in the graph (`ELEMENTWISE_OPS`:
+  `x + 3.0`, `keras.ops.relu6(x)`) pass their input's groups through when
+  they take one tensor (and scalars), and merge them as `Add` does when
+  they take several; a constant of more than one value pins them, and so
+  does a division by a tensor (a dropped channel is zero). Operations that
+  are infinite at zero (`log`, negative powers) are not among them.
 - `Concatenate` on the last axis lays its inputs' groups side by side: a
   consumer's member of the second input's group carries that input's offset.
   On any other axis the inputs' groups merge, as at an addition.
@@ -106,6 +112,25 @@ MERGES = (
 
 # Layers whose heads are a channel group (the rule in the module docstring).
 ATTENTION = (keras.layers.MultiHeadAttention,)
+
+# Keras operations (not layers) that a Functional model records where it was
+# built with `keras.ops` or Python operators (`x + 3.0` in MobileNetV3's hard
+# sigmoid): elementwise, by class name in `keras.ops`' modules.
+ELEMENTWISE_OPS = {
+    "keras.src.ops.numpy": frozenset(
+        {
+            *("Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum"),
+            *("Minimum", "Negative", "Abs", "Absolute", "Square", "Sqrt", "Exp"),
+            *("Tanh", "Clip", "Sign"),
+        }
+    ),
+    "keras.src.ops.nn": frozenset(
+        {
+            *("Relu", "Relu6", "Sigmoid", "HardSigmoid", "HardSilu", "Silu"),
+            *("Gelu", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign", "Mish"),
+        }
+    ),
+}
 
 # Layers that rearrange channels: side by side, or interleaved with positions.
 RESHAPES = (keras.layers.Concatenate, keras.layers.Flatten, keras.layers.Reshape)
@@ -465,6 +490,10 @@ class _Tracer:
             reason = f"model input {op.name!r}"
             return [self.new(_width(t), reason) for t in node.outputs]
         why = _unsupported(op, node)
+        if why is None and _is_elementwise(op):
+            if len(node.input_tensors) == 1:
+                return [inputs[0]]
+            return [self._merge(op, node, inputs)]
         if why is None:
             kind = type(op)
             if kind in PRODUCERS:
@@ -659,9 +688,32 @@ def _declared(op) -> list:
     return []
 
 
+def _is_elementwise(op) -> bool:
+    kind = type(op)
+    return kind.__name__ in ELEMENTWISE_OPS.get(kind.__module__, ())
+
+
 def _unsupported(op, node) -> str | None:
     """Why the rules cannot follow `op`'s channels, or None when they can."""
     kind = type(op)
+    if _is_elementwise(op):
+        arguments = [*node.arguments.args, *node.arguments.kwargs.values()]
+        constants = [
+            a
+            for a in keras.tree.flatten(arguments)
+            if not isinstance(a, keras.KerasTensor) and np.size(a) != 1
+        ]
+        if constants:
+            return "applies a constant of more than one value"
+        if kind.__name__ in ("Divide", "TrueDivide") and (
+            len(node.input_tensors) != 1
+            or not isinstance(node.arguments.args[0], keras.KerasTensor)
+        ):
+            # A dropped channel is zero, and dividing by it is not.
+            return "divides by a tensor"
+        if any(len(t.shape) < 2 for t in node.input_tensors):
+            return "has an input without a channel axis"
+        return None
     known = (*PRODUCERS, *FOLLOWERS, *PASS_THROUGH, *MERGES, *RESHAPES, *ATTENTION)
     if isinstance(op, keras.Model):
         return "is a nested model; channel_groups does not look inside"

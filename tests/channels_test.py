@@ -114,10 +114,21 @@ def attention():
     return keras.Model(inputs, L.Dense(2, name="out")(h), name="attention")
 
 
+def operations():
+    """conv 3->4 -> hard swish written with keras.ops and Python operators
+    (`x * relu6(x + 3) / 6`) -> conv 4->2: the operations pass channels
+    through, and the product of two tensors merges them."""
+    inputs = keras.Input((5, 5, 3), name="x")
+    h = L.Conv2D(4, 1, name="c1")(inputs)
+    h = h * keras.ops.relu6(h + 3.0) / 6.0
+    return keras.Model(inputs, L.Conv2D(2, 1, name="c2")(h), name="operations")
+
+
 HAND_MODELS = {
     f.__name__: f
     for f in (
         attention,
+        operations,
         conv_bn_conv,
         depthwise,
         residual,
@@ -289,6 +300,44 @@ def test_keep_whole_attention_keeps_its_heads():
     assert heads.pinned == "keep_whole layer 'mha'"
     assert heads.members[0] == M("mha/query/kernel", 1, "out")
     assert by_layer(groups, "before").pinned is None
+
+
+def test_elementwise_operations_pass_channels_through():
+    groups = channel_groups(operations())
+    group = by_layer(groups, "c1")
+    assert group.pinned is None
+    assert group.members == (
+        M("c1/kernel", 3, "out"),
+        M("c1/bias", 0, "out"),
+        M("c2/kernel", 2, "in"),
+    )
+    assert len(group.layers) == 5  # c1, add, relu6, multiply, true_divide
+
+
+@pytest.mark.parametrize(
+    "apply, reason",
+    [
+        (lambda h: h + np.arange(4.0), "applies a constant of more than one value"),
+        (lambda h: 1.0 / h, "divides by a tensor"),
+        (lambda h: h - keras.ops.mean(h, axis=-1, keepdims=True), "(Mean) is not"),
+        (lambda h: keras.ops.log(h), "(Log) is not a layer"),
+    ],
+)
+def test_operations_that_pin(apply, reason):
+    inputs = keras.Input((3, 3, 3), name="x")
+    h = L.Conv2D(4, 1, name="before")(inputs)
+    h = L.Conv2D(4, 1, name="after")(apply(h))
+    groups = channel_groups(keras.Model(inputs, L.Conv2D(2, 1, name="out")(h)))
+    assert reason in by_layer(groups, "before").pinned
+    assert by_layer(groups, "after").pinned is None
+
+
+def test_an_operation_broadcasting_along_channels_pins_the_narrow_input():
+    inputs = keras.Input((3, 3, 2), name="x")
+    h = L.Conv2D(4, 1, name="wide")(inputs) * L.Conv2D(1, 1, name="gate")(inputs)
+    groups = channel_groups(keras.Model(inputs, L.Conv2D(2, 1, name="out")(h)))
+    assert "(Multiply) broadcasts" in by_layer(groups, "gate").pinned
+    assert by_layer(groups, "wide").pinned is None
 
 
 def test_gated_attention_is_pinned():
