@@ -18,6 +18,11 @@ change `call`, so it is treated as unknown):
 - `Dense`, `Conv1D`, `Conv2D`, `Conv3D` (channels_last, `groups=1`) produce a
   new group: the kernel's last axis and the bias ("out"). They consume their
   input's groups on the kernel's input axis ("in").
+- `SeparableConv1D` / `SeparableConv2D` (`depth_multiplier=1`) produce a new
+  group too, on their pointwise kernel's last axis and bias. Their input's
+  channel `c` is their depthwise filter `c` ("out": what the layer computes
+  from that channel, so a channel a level opens gets a fresh filter) and
+  their pointwise kernel's input row `c` ("in").
 - `BatchNormalization` on the last axis, and `DepthwiseConv1D` /
   `DepthwiseConv2D` with `depth_multiplier=1`, follow their input's groups:
   gamma, beta and the moving statistics, or the depthwise kernel's channel
@@ -53,8 +58,8 @@ change `call`, so it is treated as unknown):
 
 Everything else pins (keeps whole) the groups it touches, with a reason that
 names the layer: layers and ops whose channels the rules above cannot follow
-(`Lambda`, other attention layers, `LayerNormalization`, `SeparableConv2D`,
-transposes, other reshapes, nested models, a layer with weights it does not
+(`Lambda`, other attention layers, `LayerNormalization`, transposes, other
+reshapes, nested models, a layer with weights it does not
 declare, such as attention with `use_gate=True`), channels_first layers, a
 softmax activation (it mixes channels), `depth_multiplier > 1`, grouped
 convolutions, a merge that broadcasts along channels, and attention with a
@@ -83,6 +88,10 @@ PRODUCERS: dict[type, str] = {
 }
 
 DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+
+# Depthwise then pointwise in one layer: produce channels from their
+# pointwise kernel (`filters`).
+SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 
 # The layers whose weights follow their input's channels.
 FOLLOWERS = (keras.layers.BatchNormalization, *DEPTHWISE)
@@ -498,6 +507,8 @@ class _Tracer:
             kind = type(op)
             if kind in PRODUCERS:
                 return [self._produce(op, inputs[0])]
+            if kind in SEPARABLE:
+                return [self._separate(op, inputs[0])]
             if kind in FOLLOWERS:
                 return [self._follow(op, inputs[0])]
             if kind in PASS_THROUGH:
@@ -555,6 +566,23 @@ class _Tracer:
         ((group, _),) = out.segments
         self.add(layout.members(kernel.path, len(kernel.shape) - 2, "in"))
         self.add([(group, Member(kernel.path, len(kernel.shape) - 1, "out"))])
+        if op.bias is not None:
+            self.add([(group, Member(op.bias.path, 0, "out"))])
+        if _activation(op) in _MIXING_ACTIVATIONS:
+            self.pin(out, _reason(op, f"applies {_activation(op)}, mixing channels"))
+        self._seen[id(op)] = ([layout], [out])
+        return out
+
+    def _separate(self, op, layout: _Layout) -> _Layout:
+        (layout,) = self._shared(op, [layout])
+        if id(op) in self._seen:
+            return self._seen[id(op)][1][0]
+        depthwise, pointwise = op.depthwise_kernel, op.pointwise_kernel
+        self.add(layout.members(depthwise.path, len(depthwise.shape) - 2, "out"))
+        self.add(layout.members(pointwise.path, len(pointwise.shape) - 2, "in"))
+        out = self.new(pointwise.shape[-1])
+        ((group, _),) = out.segments
+        self.add([(group, Member(pointwise.path, len(pointwise.shape) - 1, "out"))])
         if op.bias is not None:
             self.add([(group, Member(op.bias.path, 0, "out"))])
         if _activation(op) in _MIXING_ACTIVATIONS:
@@ -680,6 +708,8 @@ def _declared(op) -> list:
     kind = type(op)
     if kind in PRODUCERS or kind in DEPTHWISE:
         return [op.kernel, op.bias]
+    if kind in SEPARABLE:
+        return [op.depthwise_kernel, op.pointwise_kernel, op.bias]
     if kind is keras.layers.BatchNormalization:
         return [op.gamma, op.beta, op.moving_mean, op.moving_variance]
     if kind in ATTENTION:
@@ -714,9 +744,10 @@ def _unsupported(op, node) -> str | None:
         if any(len(t.shape) < 2 for t in node.input_tensors):
             return "has an input without a channel axis"
         return None
-    known = (*PRODUCERS, *FOLLOWERS, *PASS_THROUGH, *MERGES, *RESHAPES, *ATTENTION)
+    known = (*PRODUCERS, *SEPARABLE, *FOLLOWERS, *PASS_THROUGH, *MERGES, *RESHAPES)
+    known += ATTENTION
     if isinstance(op, keras.Model):
-        return "is a nested model; channel_groups does not look inside"
+        return "is a nested model, which channel_groups does not look inside"
     if kind not in known:
         return "is not a layer whose channels channel_groups can follow"
     if kind in ATTENTION:
@@ -740,7 +771,7 @@ def _unsupported(op, node) -> str | None:
         return f"holds weights it does not declare: {extra}"
     if getattr(op, "groups", 1) != 1:
         return f"is a grouped convolution (groups={op.groups})"
-    if kind in DEPTHWISE and op.depth_multiplier != 1:
+    if kind in (*DEPTHWISE, *SEPARABLE) and op.depth_multiplier != 1:
         return f"has depth_multiplier={op.depth_multiplier}"
     if kind is keras.layers.BatchNormalization:
         rank = len(node.input_tensors[0].shape)

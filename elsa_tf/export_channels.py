@@ -61,12 +61,14 @@ def is_channel_model(model) -> bool:
 
 def widths(narrowed) -> dict[str, int]:
     """The width of every layer that creates channels, by layer name: the
-    `units` or `filters` of `channels.PRODUCERS`, an attention layer's
-    `num_heads`."""
+    `units` or `filters` of `channels.PRODUCERS` and `channels.SEPARABLE`,
+    an attention layer's `num_heads`."""
     found = {}
     for layer in narrowed.layers:
         key = channels.PRODUCERS.get(type(layer))
-        if key is None and type(layer) in channels.ATTENTION:
+        if type(layer) in channels.SEPARABLE:
+            key = "filters"
+        elif type(layer) in channels.ATTENTION:
             key = "num_heads"
         if key is not None:
             found[layer.name] = int(layer.get_config()[key])

@@ -25,7 +25,13 @@ from collections.abc import Mapping, Sequence
 import keras
 import numpy as np
 
-from elsa_tf.channels import ATTENTION, PRODUCERS, ChannelGroup, member_indices
+from elsa_tf.channels import (
+    ATTENTION,
+    PRODUCERS,
+    SEPARABLE,
+    ChannelGroup,
+    member_indices,
+)
 
 
 def kept_channels(
@@ -194,6 +200,8 @@ def narrow(
         key = PRODUCERS.get(type(layer))
         if key is not None:
             config[key] = values[layer.kernel.path].shape[-1]
+        elif type(layer) in SEPARABLE:
+            config["filters"] = values[layer.pointwise_kernel.path].shape[-1]
         elif type(layer) in ATTENTION:
             query = values[layer.query_dense.kernel.path].shape
             config["num_heads"] = query[1]
@@ -228,11 +236,21 @@ def narrow(
     narrowed = keras.models.clone_model(
         model, input_tensors=input_tensors, clone_function=clone
     )
-    for variable in narrowed.weights:
-        if variable.path not in values:
+    # By position: clone_model keeps the layers and their weights in order,
+    # but not always their paths (a nested Sequential's weights lose its
+    # name; a custom layer's unnamed variables are numbered afresh).
+    if len(narrowed.weights) != len(model.weights):
+        raise RuntimeError(
+            f"The narrowed copy of model {model.name!r} has "
+            f"{len(narrowed.weights)} variables; the model has {len(model.weights)}."
+        )
+    for source, variable in zip(model.weights, narrowed.weights):
+        value = values[source.path]
+        if tuple(variable.shape) != value.shape:
             raise RuntimeError(
                 f"The narrowed copy of model {model.name!r} has variable "
-                f"{variable.path!r}, which the model does not have."
+                f"{variable.path!r} of shape {tuple(variable.shape)} where the "
+                f"model's {source.path!r} narrows to {value.shape}."
             )
-        variable.assign(values[variable.path])
+        variable.assign(value)
     return narrowed

@@ -359,6 +359,24 @@ def test_depthwise_follows_its_input():
     assert group.members[-1] == M("project/kernel", 2, "in")
 
 
+def test_separable_conv_reads_with_its_depthwise_filters():
+    inputs = keras.Input((6, 6, 3), name="x")
+    h = L.Conv2D(4, 1, name="c")(inputs)
+    h = L.SeparableConv2D(5, 3, name="sep")(h)
+    groups = channel_groups(keras.Model(inputs, L.Conv2D(2, 1, name="out")(h)))
+    assert by_layer(groups, "c").members == (
+        M("c/kernel", 3, "out"),
+        M("c/bias", 0, "out"),
+        M("sep/depthwise_kernel", 2, "out"),  # (3, 3, 4, 1)
+        M("sep/pointwise_kernel", 2, "in"),  # (1, 1, 4, 5)
+    )
+    assert by_layer(groups, "sep").members == (
+        M("sep/pointwise_kernel", 3, "out"),
+        M("sep/bias", 0, "out"),
+        M("out/kernel", 2, "in"),
+    )
+
+
 def test_depthwise_on_the_input_is_pinned_with_it():
     inputs = keras.Input((4, 4, 3), name="x")
     h = L.DepthwiseConv2D(3, name="dw")(inputs)
@@ -482,7 +500,7 @@ def test_keep_whole_unknown_name():
         (L.Lambda(lambda t: t * 2, name="odd"), "'odd' (Lambda) is not a layer"),
         (L.Activation("softmax", name="odd"), "'odd' (Activation) applies softmax"),
         (L.DepthwiseConv2D(1, depth_multiplier=2, name="odd"), "depth_multiplier=2"),
-        (L.SeparableConv2D(4, 1, name="odd"), "'odd' (SeparableConv2D) is not"),
+        (L.SeparableConv2D(4, 1, depth_multiplier=2, name="odd"), "multiplier=2"),
         (
             L.Reshape((9, 2, 2), name="odd"),
             "'odd' (Reshape) reshapes a last axis of 4 into 2",

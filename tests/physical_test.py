@@ -122,6 +122,8 @@ def ranked(kinds, *args):
 CASES = {
     "Dense": lambda: L.Dense(3),
     **ranked(("Conv",), 3, 3),
+    "SeparableConv1D": lambda: L.SeparableConv1D(3, 3, padding="same"),
+    "SeparableConv2D": lambda: L.SeparableConv2D(3, 3, padding="same"),
     "BatchNormalization": L.BatchNormalization,
     "DepthwiseConv1D": lambda: L.DepthwiseConv1D(3, padding="same"),
     "DepthwiseConv2D": lambda: L.DepthwiseConv2D(3, padding="same"),
@@ -169,6 +171,7 @@ def around(name):
 def test_cases_cover_the_registries():
     registered = (
         *channels.PRODUCERS,
+        *channels.SEPARABLE,
         *channels.FOLLOWERS,
         *channels.PASS_THROUGH,
         *channels.MERGES,
