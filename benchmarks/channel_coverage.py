@@ -29,8 +29,10 @@ under `TOLERANCE`. Timings are not measured.
 Command used (from the repository root; one model per family by default,
 `--models=all` for every model keras.applications has):
 
-    python benchmarks/channel_coverage.py \
-        --out=/tmp/elsa_benchmarks/channel_coverage.json
+    python benchmarks/channel_coverage.py --models=all \
+        --out=/tmp/elsa_benchmarks/channel_coverage_all.json
+
+(340 s on 2 CPU cores; the default 14 families take 77 s.)
 """
 
 from __future__ import annotations
