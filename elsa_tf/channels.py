@@ -35,9 +35,10 @@ change `call`, so it is treated as unknown):
 - Elementwise Keras operations recorded in the graph (`ELEMENTWISE_OPS`:
   `x + 3.0`, `keras.ops.relu6(x)`) pass their input's groups through when
   they take one tensor (and scalars), and merge them as `Add` does when
-  they take several; a constant of more than one value pins them, and so
-  does a division by a tensor (a dropped channel is zero). Operations that
-  are infinite at zero (`log`, negative powers) are not among them.
+  they take several; a constant of more than one value (an argument, or an
+  attribute such as `clip`'s bounds) pins them, and so does a division by a
+  tensor (a dropped channel is zero). Operations that are infinite at zero,
+  or whose gradient is (`log`, negative powers, `sqrt`), are not among them.
 - `Concatenate` on the last axis lays its inputs' groups side by side: a
   consumer's member of the second input's group carries that input's offset.
   On any other axis the inputs' groups merge, as at an addition.
@@ -129,8 +130,8 @@ ELEMENTWISE_OPS = {
     "keras.src.ops.numpy": frozenset(
         {
             *("Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum"),
-            *("Minimum", "Negative", "Abs", "Absolute", "Square", "Sqrt", "Exp"),
-            *("Tanh", "Clip", "Sign"),
+            *("Minimum", "Negative", "Abs", "Absolute", "Square", "Exp", "Tanh"),
+            *("Clip", "Sign"),
         }
     ),
     "keras.src.ops.nn": frozenset(
@@ -728,10 +729,13 @@ def _unsupported(op, node) -> str | None:
     kind = type(op)
     if _is_elementwise(op):
         arguments = [*node.arguments.args, *node.arguments.kwargs.values()]
+        # Python operators keep constants as arguments; `clip`, `leaky_relu`
+        # and the like as attributes.
+        attributes = [v for k, v in vars(op).items() if not k.startswith("_")]
         constants = [
             a
-            for a in keras.tree.flatten(arguments)
-            if not isinstance(a, keras.KerasTensor) and np.size(a) != 1
+            for a in keras.tree.flatten([*arguments, *attributes])
+            if not isinstance(a, (keras.KerasTensor, str)) and np.size(a) != 1
         ]
         if constants:
             return "applies a constant of more than one value"

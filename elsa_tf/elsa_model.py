@@ -150,11 +150,13 @@ def _initializer(layer, variable):
     """The initializer `layer` made `variable` with, or None if not found.
 
     By the layer's `<name>_initializer` attribute, as the Keras layers that
-    channel groups follow name them (a depthwise kernel's is
-    `depthwise_initializer`).
+    channel groups follow name them: `kernel_initializer`, a separable
+    convolution's `pointwise_initializer` for its `pointwise_kernel`, and
+    `depthwise_initializer` for a depthwise kernel.
     """
-    for attribute in (f"{variable.name}_initializer", "depthwise_initializer"):
-        initializer = getattr(layer, attribute, None)
+    stem = variable.name.removesuffix("_kernel")
+    for prefix in (variable.name, stem, "depthwise"):
+        initializer = getattr(layer, f"{prefix}_initializer", None)
         if callable(initializer):
             return initializer
     return None

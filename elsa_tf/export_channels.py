@@ -205,9 +205,13 @@ def candidates(model, level: int) -> list[np.ndarray]:
     shapes = {v.path: tuple(v.shape) for v in owner.inner_model.weights}
     for axes in physical.kept_indices(groups, keep, shapes).values():
         found.extend(axes.values())
-    layers = {layer.name: layer for layer in owner.inner_model.layers}
+    heads = {
+        layer.query_dense.kernel.path
+        for layer in owner.inner_model.layers
+        if type(layer) in channels.ATTENTION
+    }
     for group, channels_kept in zip(groups, kept):
-        if type(layers.get(group.layers[0])) in channels.ATTENTION:
+        if any(m.path in heads and m.axis == 1 for m in group.members):
             found.extend(_head_runs(group, channels_kept, shapes))
     unique = {}
     for indices in found:
@@ -324,10 +328,15 @@ def _same_model(made: bytes, level_file: bytes, scaled: set[int]) -> str | None:
         sa.tensors = placed
         sa.inputs, sa.outputs = renumber(sa.inputs, s), renumber(sa.outputs, s)
         for op in sa.operators or []:
+            if op.intermediates is not None and len(op.intermediates):
+                return f"subgraph {s} has operators with intermediate tensors"
             op.inputs, op.outputs = renumber(op.inputs, s), renumber(op.outputs, s)
     for signature in a.signatureDefs or []:
         for tensor in (*(signature.inputs or []), *(signature.outputs or [])):
-            tensor.tensorIndex = mapping[signature.subgraphIndex, tensor.tensorIndex]
+            key = (signature.subgraphIndex, tensor.tensorIndex)
+            if key not in mapping:
+                return f"signature {signature.signatureKey!r} names tensor {key}"
+            tensor.tensorIndex = mapping[key]
     own = {m.name: m for m in b.metadata or []}
     for ma in a.metadata:
         mb = own.get(ma.name)
@@ -344,11 +353,13 @@ def _same_model(made: bytes, level_file: bytes, scaled: set[int]) -> str | None:
 # TFLite tensor types of the constants `unshare_constants` gives each reader
 # its own copy of: INT32 and INT64, the types of shapes and axes.
 _SHAPE_TYPES = (2, 4)
+_SHAPE_SIZE = 8  # elements at most: a shape's rank
 
 
 def unshare_constants(content: bytes) -> bytes:
-    """The file with every small integer constant (rank 0 or 1: a shape, an
-    axis) that several operator inputs read copied, one copy per reader.
+    """The file with every small integer constant (rank 0 or 1, at most
+    `_SHAPE_SIZE` elements: a shape, an axis) that several operator inputs
+    read copied, one copy per reader.
 
     The converter stores equal constants once, so the densest level's file
     may hold one shape constant `[16]` for two Dense layers of width 16 (a
@@ -367,14 +378,25 @@ def unshare_constants(content: bytes) -> bytes:
     for subgraph in model.subgraphs or []:
         seen = set()
         for op in subgraph.operators or []:
+            if op.inputs is None:
+                continue
             inputs = list(op.inputs)
             for position, index in enumerate(inputs):
                 if index < 0:
                     continue
                 tensor = subgraph.tensors[index]
                 data = model.buffers[tensor.buffer].data
-                small = tensor.shape is not None and len(tensor.shape) <= 1
-                if data is None or not len(data) or tensor.type not in _SHAPE_TYPES:
+                small = (
+                    tensor.shape is not None
+                    and len(tensor.shape) <= 1
+                    and int(np.prod(tensor.shape)) <= _SHAPE_SIZE
+                )
+                if (
+                    data is None
+                    or not len(data)
+                    or tensor.type not in _SHAPE_TYPES
+                    or tensor.isVariable
+                ):
                     continue
                 if not small or index not in seen:
                     seen.add(index)

@@ -532,3 +532,21 @@ def test_attention_layers_own_their_weights_by_path():
         ("mha1", 4),
         ("mha2", 3),
     ]
+
+
+def test_a_separable_convolution_opens_channels_from_its_own_initializers():
+    from elsa_tf.elsa_model import _initializer
+
+    layer = L.SeparableConv2D(
+        3, 3, depthwise_initializer="zeros", pointwise_initializer="ones"
+    )
+    layer.build((None, 5, 5, 2))
+    assert isinstance(
+        _initializer(layer, layer.pointwise_kernel), keras.initializers.Ones
+    )
+    assert isinstance(
+        _initializer(layer, layer.depthwise_kernel), keras.initializers.Zeros
+    )
+    dense = L.Dense(2, kernel_initializer="ones")
+    dense.build((None, 3))
+    assert isinstance(_initializer(dense, dense.kernel), keras.initializers.Ones)

@@ -321,6 +321,11 @@ def test_elementwise_operations_pass_channels_through():
         (lambda h: 1.0 / h, "divides by a tensor"),
         (lambda h: h - keras.ops.mean(h, axis=-1, keepdims=True), "(Mean) is not"),
         (lambda h: keras.ops.log(h), "(Log) is not a layer"),
+        (lambda h: keras.ops.sqrt(h), "(Sqrt) is not a layer"),
+        (
+            lambda h: keras.ops.clip(h, np.arange(4.0), 6.0),
+            "(Clip) applies a constant of more than one value",
+        ),
     ],
 )
 def test_operations_that_pin(apply, reason):
@@ -330,6 +335,14 @@ def test_operations_that_pin(apply, reason):
     groups = channel_groups(keras.Model(inputs, L.Conv2D(2, 1, name="out")(h)))
     assert reason in by_layer(groups, "before").pinned
     assert by_layer(groups, "after").pinned is None
+
+
+def test_operations_with_scalar_attributes_pass_channels_through():
+    inputs = keras.Input((3, 3, 3), name="x")
+    h = L.Conv2D(4, 1, name="before")(inputs)
+    h = keras.ops.leaky_relu(keras.ops.clip(h, -1.0, 6.0), 0.2)
+    groups = channel_groups(keras.Model(inputs, L.Conv2D(2, 1, name="out")(h)))
+    assert by_layer(groups, "before").pinned is None
 
 
 def test_an_operation_broadcasting_along_channels_pins_the_narrow_input():

@@ -65,8 +65,25 @@ def test_merged_activations_are_refused():
         ((op(0, [0, 1], [2]), op(1, [2, 3], [4], opcode=1)), "operator 1 of"),
         ((op(0, [0, 1], [2]), op(1, [2], [4])), "operator 1 of subgraph 0 differs"),
         ((op(0, [0, 1], [2]), op(1, [2, 3], [9])), "the level has no tensor 9"),
+        ((op(0, [0, -1], [2]), op(1, [2, 3], [4])), "operator 0 of subgraph 0"),
     ],
 )
 def test_other_graphs_are_refused(level_ops, message):
     with pytest.raises(GraphMismatch, match=message):
         pair_tensors(DENSE, DENSE, DENSE_OPS, level_ops)
+
+
+def test_other_inputs_or_outputs_are_refused():
+    level = fb.ModelRef(DENSE.buffers, DENSE.tensors, {}, ((0,),), ((4, 2),))
+    with pytest.raises(GraphMismatch, match="other inputs or outputs in subgraph 0"):
+        pair_tensors(DENSE, level, DENSE_OPS, DENSE_OPS)
+    two = fb.ModelRef(DENSE.buffers, DENSE.tensors, {}, ((0,), (0,)), ((4,), (4,)))
+    with pytest.raises(GraphMismatch, match="2 subgraphs against 1"):
+        pair_tensors(DENSE, two, DENSE_OPS, DENSE_OPS)
+
+
+def test_an_output_paired_otherwise_by_the_subgraph_is_refused():
+    # The operators agree, but the subgraph's output is another tensor.
+    level = model([0, 1, 0, 2, 0], output=2)
+    with pytest.raises(GraphMismatch, match="tensor 4 of subgraph 0 is the level's"):
+        pair_tensors(DENSE, level, DENSE_OPS, DENSE_OPS)
