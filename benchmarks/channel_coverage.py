@@ -32,7 +32,7 @@ Command used (from the repository root; one model per family by default,
     python benchmarks/channel_coverage.py --models=all \
         --out=/tmp/elsa_benchmarks/channel_coverage_all.json
 
-(340 s on 2 CPU cores; the default 14 families take 77 s.)
+(About 6 minutes on 2 CPU cores; the default 14 families take 77 s.)
 """
 
 from __future__ import annotations
