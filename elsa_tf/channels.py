@@ -506,10 +506,8 @@ class _Tracer:
             return [self._merge(op, node, inputs)]
         if why is None:
             kind = type(op)
-            if kind in PRODUCERS:
+            if kind in PRODUCERS or kind in SEPARABLE:
                 return [self._produce(op, inputs[0])]
-            if kind in SEPARABLE:
-                return [self._separate(op, inputs[0])]
             if kind in FOLLOWERS:
                 return [self._follow(op, inputs[0])]
             if kind in PASS_THROUGH:
@@ -559,31 +557,23 @@ class _Tracer:
         ]
 
     def _produce(self, op, layout: _Layout) -> _Layout:
+        """A layer that makes new channels from its input's: a Dense layer or
+        a convolution reads them with its kernel, a separable convolution
+        with its depthwise filters ("out") and its pointwise kernel."""
         (layout,) = self._shared(op, [layout])
         if id(op) in self._seen:
             return self._seen[id(op)][1][0]
-        kernel = op.kernel
+        if type(op) in SEPARABLE:
+            kernel = op.pointwise_kernel
+            reads = [(op.depthwise_kernel, "out"), (kernel, "in")]
+        else:
+            kernel = op.kernel
+            reads = [(kernel, "in")]
+        for variable, role in reads:
+            self.add(layout.members(variable.path, len(variable.shape) - 2, role))
         out = self.new(kernel.shape[-1])
         ((group, _),) = out.segments
-        self.add(layout.members(kernel.path, len(kernel.shape) - 2, "in"))
         self.add([(group, Member(kernel.path, len(kernel.shape) - 1, "out"))])
-        if op.bias is not None:
-            self.add([(group, Member(op.bias.path, 0, "out"))])
-        if _activation(op) in _MIXING_ACTIVATIONS:
-            self.pin(out, _reason(op, f"applies {_activation(op)}, mixing channels"))
-        self._seen[id(op)] = ([layout], [out])
-        return out
-
-    def _separate(self, op, layout: _Layout) -> _Layout:
-        (layout,) = self._shared(op, [layout])
-        if id(op) in self._seen:
-            return self._seen[id(op)][1][0]
-        depthwise, pointwise = op.depthwise_kernel, op.pointwise_kernel
-        self.add(layout.members(depthwise.path, len(depthwise.shape) - 2, "out"))
-        self.add(layout.members(pointwise.path, len(pointwise.shape) - 2, "in"))
-        out = self.new(pointwise.shape[-1])
-        ((group, _),) = out.segments
-        self.add([(group, Member(pointwise.path, len(pointwise.shape) - 1, "out"))])
         if op.bias is not None:
             self.add([(group, Member(op.bias.path, 0, "out"))])
         if _activation(op) in _MIXING_ACTIVATIONS:

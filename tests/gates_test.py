@@ -92,7 +92,11 @@ def trained():
     keras.utils.set_random_seed(0)
     model = embed()
     start = free_gates(model)
-    x, y = data()
+    return model, start, train_levels(model, *data())
+
+
+def train_levels(model, x, y) -> list:
+    """Trains every level in turn; the free gates each hardening saw."""
     seen = []
     for level in range(model.num_levels):
         callback = GatesBeforeHardening(model)
@@ -109,7 +113,7 @@ def trained():
             callbacks=[callback],
         )
         seen.append(callback.last)
-    return model, start, seen
+    return seen
 
 
 # -- the pure math --------------------------------------------------------------
@@ -343,24 +347,12 @@ def test_attention_heads_are_gated_and_removed():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 5, 3)).astype("float32")
     y = (x[:, :, 0].sum(axis=1) > 0).astype("int32") + (x[:, 0, 1] > 0)
-    for level in range(model.num_levels):
-        callback = GatesBeforeHardening(model)
-        elsa_tf.fit(
-            model,
-            x,
-            y,
-            levels=[level],
-            epochs_per_level=EPOCHS,
-            batch_size=8,
-            optimizer=keras.optimizers.Adam(1e-2),
-            loss=LOSS,
-            verbose=0,
-            callbacks=[callback],
-        )
-        index = model.channel_layout.index(heads)
-        codes = model.channel_codes()[index]
+    seen = train_levels(model, x, y)
+    index = model.channel_layout.index(heads)
+    codes = model.channel_codes()[index]
+    for level, free in enumerate(seen):
         decided = int(np.count_nonzero(codes < level)) + int(
-            np.count_nonzero(callback.last[index] >= gates.THRESHOLD)
+            np.count_nonzero(free[index] >= gates.THRESHOLD)
         )
         want = levels.keep_count(5, SPARSITIES[level])
         assert abs(decided - want) <= 1, (level, decided, want)
