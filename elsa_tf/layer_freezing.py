@@ -307,7 +307,7 @@ def _graph_atoms(model) -> list[tuple[list, float]] | None:
     None when the model has no graph (subclassed).
     """
     try:
-        nodes = channels_lib._graph_nodes(model)  # the one graph walker
+        nodes = channels_lib.graph_nodes(model)  # the one graph walker
     except ValueError:
         return None
     end = len(nodes)
@@ -364,7 +364,7 @@ def _graph_atoms(model) -> list[tuple[list, float]] | None:
 def _layer_costs(model) -> dict[int, float]:
     """`id(layer)` -> forward cost, from the graph, or parameter counts."""
     try:
-        nodes = channels_lib._graph_nodes(model)
+        nodes = channels_lib.graph_nodes(model)
     except ValueError:
         return {
             id(layer): float(sum(np.prod(w.shape) for w in layer.weights))

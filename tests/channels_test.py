@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from elsa_tf import channels
+from elsa_tf import channel_members, channels
 from elsa_tf.channels import ChannelGroup, Member, channel_groups, member_indices
 from elsa_tf.experiments import zoo
 
@@ -636,8 +636,9 @@ def test_mobilenetv2_groups():
     assert head.size == 1280 and head.pinned is None
 
 
-def test_docstring_examples():
-    failures, tried = doctest.testmod(channels)
+@pytest.mark.parametrize("module", [channels, channel_members])
+def test_docstring_examples(module):
+    failures, tried = doctest.testmod(module)
     assert tried and not failures
 
 
